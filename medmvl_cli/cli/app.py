@@ -1,0 +1,94 @@
+"""Root of the `medmvl` command line.
+
+Commands are thin: they parse options, load and validate what they need and call one engine
+function. Heavy libraries (torch, transformers, monai) are imported inside command bodies so that
+`medmvl --help` stays fast. Known errors become one short panel on stderr and exit code 1.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from typing import Annotated, Optional
+
+import typer
+from typer.core import TyperGroup
+
+from medmvl_cli import __version__
+from medmvl_cli.errors import MedmvlError
+
+class _ErrorHandlingGroup(TyperGroup):
+    """Turns a MedmvlError raised by any command into one panel on stderr and exit code 1."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except MedmvlError as err:
+            if _state["debug"]:
+                raise
+            print_error(err)
+            raise typer.Exit(1) from None
+
+
+app = typer.Typer(
+    name="medmvl",
+    cls=_ErrorHandlingGroup,
+    help="Build, train, evaluate and ship small medical vision-language models (2D and 3D).",
+    no_args_is_help=True,
+    rich_markup_mode="rich",
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+_state = {"debug": False}
+
+
+def _version_callback(value: bool) -> None:
+    if value:
+        typer.echo(f"medmvl {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def root(
+    version: Annotated[
+        Optional[bool],
+        typer.Option("--version", callback=_version_callback, is_eager=True, help="Print the version and exit."),
+    ] = None,
+    debug: Annotated[bool, typer.Option("--debug", help="Show full tracebacks and debug logs.")] = False,
+) -> None:
+    """medmvl: medical LVLMs from YAML recipes, on one CPU or many GPUs."""
+    _state["debug"] = debug
+    logging.basicConfig(
+        level=logging.DEBUG if debug else logging.INFO,
+        format="%(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def _register() -> None:
+    # Imported here so that each group module stays independent of the root.
+    from medmvl_cli.cli import config_cmd, env_cmd
+
+    app.command("env", help="Versions, devices and optional parts present or absent.")(env_cmd.env)
+    app.add_typer(config_cmd.app, name="config", help="Show or check a recipe.")
+
+
+_register()
+
+
+def print_error(err: MedmvlError) -> None:
+    from rich.console import Console
+    from rich.panel import Panel
+
+    body = err.message if not err.hint else f"{err.message}\n\n[bold]Fix:[/bold] {err.hint}"
+    Console(stderr=True).print(Panel(body, title=err.title, title_align="left", border_style="red"))
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console-script entry."""
+    app(args=argv)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,235 @@
+"""Recipe loading: YAML -> dotted overrides -> validation -> paths -> stage defaults.
+
+Every problem is collected with its dotted key path before anything is raised, so that
+`medmvl config check` can list them all at once.
+"""
+
+from __future__ import annotations
+
+import difflib
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Optional
+
+import yaml
+from pydantic import BaseModel, ValidationError
+
+from medmvl_cli.config.schema import Recipe
+from medmvl_cli.errors import RecipeError
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One thing wrong with a recipe: where (dotted key path), what, and how to fix it."""
+
+    path: str
+    message: str
+    hint: Optional[str] = None
+
+    def __str__(self) -> str:
+        where = self.path or "(recipe)"
+        return f"{where}: {self.message}" + (f" ({self.hint})" if self.hint else "")
+
+
+@dataclass
+class RawRecipe:
+    """The YAML tree after overrides, with where it came from."""
+
+    tree: dict
+    source: Optional[Path]
+    overridden: set[str]
+
+
+# ------------------------------------------------------------------------------------- overrides
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """`train.lr=1e-4` -> (["train", "lr"], 0.0001); the value is parsed as YAML."""
+    key, sep, value = item.partition("=")
+    if not sep or not key or any(not part for part in key.split(".")):
+        raise RecipeError(
+            f"override {item!r} is not KEY=VALUE",
+            hint="write dotted keys, e.g. train.lr=1e-4 or data.train.0.annotations=train.json",
+        )
+    try:
+        parsed = yaml.safe_load(value) if value != "" else None
+    except yaml.YAMLError as err:
+        raise RecipeError(f"override {item!r}: value is not valid YAML ({err.problem})") from None
+    # YAML 1.1 reads 1e-4 as a string; users mean a number.
+    if isinstance(parsed, str):
+        try:
+            parsed = float(parsed) if any(c in parsed.lower() for c in ".e") else parsed
+        except ValueError:
+            pass
+    return key.split("."), parsed
+
+
+def apply_override(tree: dict, keys: list[str], value: Any) -> None:
+    """Set `value` at the dotted `keys` in `tree`, creating mappings and appending list items."""
+    node: Any = tree
+    for depth, key in enumerate(keys):
+        last = depth == len(keys) - 1
+        where = ".".join(keys[: depth + 1])
+        if isinstance(node, list):
+            if not key.isdigit() or int(key) > len(node):
+                raise RecipeError(
+                    f"override {'.'.join(keys)}: {where!r} indexes a list of {len(node)} item(s)",
+                    hint=f"use an index from 0 to {len(node)} ({len(node)} appends)",
+                )
+            index = int(key)
+            if index == len(node):
+                node.append(None if last else {})
+            if last:
+                node[index] = value
+            else:
+                if node[index] is None:
+                    node[index] = {}
+                node = node[index]
+        elif isinstance(node, dict):
+            if last:
+                node[key] = value
+            else:
+                if node.get(key) is None:
+                    node[key] = [] if keys[depth + 1].isdigit() else {}
+                node = node[key]
+        else:
+            raise RecipeError(f"override {'.'.join(keys)}: {'.'.join(keys[:depth])!r} is a value, not a section")
+
+
+def read_recipe(path: Path | str, overrides: Iterable[str] = ()) -> RawRecipe:
+    """Read a recipe file and apply KEY=VALUE overrides (no validation yet)."""
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError(f"recipe {path} does not exist", hint="give the path of a .yaml recipe, e.g. recipes/quickstart/tiny-2d.yaml")
+    try:
+        tree = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise RecipeError(f"{path}{where}: not valid YAML ({getattr(err, 'problem', err)})") from None
+    if tree is None:
+        tree = {}
+    if not isinstance(tree, dict):
+        raise RecipeError(f"{path}: a recipe is a YAML mapping of keys, not a {type(tree).__name__}")
+    overridden = set()
+    for item in overrides:
+        keys, value = parse_override(item)
+        apply_override(tree, keys, value)
+        overridden.add(".".join(keys))
+    return RawRecipe(tree=tree, source=path.resolve(), overridden=overridden)
+
+
+# ------------------------------------------------------------------------------------ validation
+def _unwrap(annotation: Any) -> list[Any]:
+    """The concrete types inside Optional / Union / Annotated / list / tuple annotations."""
+    origin = typing.get_origin(annotation)
+    if origin is typing.Annotated:
+        return _unwrap(typing.get_args(annotation)[0])
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None), list, tuple):
+        return [t for arg in typing.get_args(annotation) for t in _unwrap(arg)]
+    return [annotation]
+
+
+def _models(annotation: Any) -> list[type[BaseModel]]:
+    return [t for t in _unwrap(annotation) if isinstance(t, type) and issubclass(t, BaseModel)]
+
+
+def _tag_of(model: type[BaseModel]) -> Optional[str]:
+    field = model.model_fields.get("type")
+    if field is not None and typing.get_origin(field.annotation) is typing.Literal:
+        return typing.get_args(field.annotation)[0]
+    return None
+
+
+def _walk(loc: tuple) -> tuple[list[str], list[type[BaseModel]]]:
+    """Map a pydantic error location to the user's key path and the section class at its parent.
+
+    Discriminator tags (the `clip` in `model.image.encoder.clip.path`) are not keys: they are
+    dropped from the path and select the union member instead.
+    """
+    keys: list[str] = []
+    candidates: list[type[BaseModel]] = [Recipe]
+    parents: list[type[BaseModel]] = [Recipe]
+    for item in loc:
+        if isinstance(item, int):
+            keys.append(str(item))
+            continue
+        tagged = [m for m in candidates if _tag_of(m) == item]
+        if tagged and len(candidates) > 1:
+            candidates = tagged
+            continue
+        parents = candidates
+        keys.append(str(item))
+        field = next((m.model_fields[item] for m in candidates if item in m.model_fields), None)
+        candidates = _models(field.annotation) if field is not None else []
+    return keys, parents
+
+
+def _problem_from_error(err: dict) -> Problem:
+    keys, parents = _walk(tuple(err["loc"]))
+    path = ".".join(keys)
+    kind = err["type"]
+    if kind == "extra_forbidden":
+        known = sorted({name for model in parents for name in model.model_fields})
+        close = difflib.get_close_matches(keys[-1], known, n=1, cutoff=0.6)
+        hint = f"did you mean {close[0]!r}?" if close else f"known keys here: {', '.join(known)}"
+        return Problem(path, "unknown key", hint)
+    if kind == "missing":
+        return Problem(path, "required key is missing")
+    if kind in ("union_tag_invalid", "union_tag_not_found"):
+        return Problem(path + ".type" if path else "type", err["msg"])
+    message = err["msg"].removeprefix("Value error, ")
+    if "input" in err and kind not in ("model_type", "dict_type") and not isinstance(err["input"], (dict, list)):
+        message += f" (got {err['input']!r})"
+    return Problem(path, message)
+
+
+def validate_tree(tree: dict) -> tuple[Optional[Recipe], list[Problem]]:
+    """Validate a raw recipe tree; returns the recipe (or None) and every problem found."""
+    try:
+        return Recipe.model_validate(tree), []
+    except ValidationError as err:
+        return None, [_problem_from_error(e) for e in err.errors()]
+
+
+def check_recipe(
+    path: Path | str, overrides: Iterable[str] = (), stage: Optional[str] = None
+) -> tuple[Optional[Recipe], list[Problem]]:
+    """Load, validate and resolve; returns the resolved recipe (None if not valid) and all problems."""
+    from medmvl_cli.config.resolve import cross_check, resolve_paths, resolve_stage
+
+    raw = read_recipe(path, overrides)
+    recipe, problems = validate_tree(raw.tree)
+    problems += cross_check(raw.tree, stage)
+    if recipe is None or problems:
+        return None, _unique(problems)
+    recipe = resolve_paths(recipe, raw)
+    recipe, stage_problems = resolve_stage(recipe, stage)
+    return (recipe if not stage_problems else None), stage_problems
+
+
+def load_recipe(path: Path | str, overrides: Iterable[str] = (), stage: Optional[str] = None) -> Recipe:
+    """Load a recipe ready to run, or raise RecipeError listing every problem."""
+    recipe, problems = check_recipe(path, overrides, stage)
+    if problems:
+        lines = "\n".join(f"  - {p}" for p in problems)
+        raise RecipeError(
+            f"{path}: {len(problems)} problem(s)\n{lines}",
+            hint=f"fix the keys above; `medmvl config check {path}` lists them again",
+            problems=problems,
+        )
+    assert recipe is not None
+    return recipe
+
+
+def _unique(problems: list[Problem]) -> list[Problem]:
+    seen, out = set(), []
+    for p in problems:
+        if (p.path, p.message) not in seen:
+            seen.add((p.path, p.message))
+            out.append(p)
+    return out
+
+
+def dump_recipe(recipe: Recipe) -> str:
+    """The recipe as YAML, in schema order, None values kept (they are meaningful)."""
+    return yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False, default_flow_style=None, width=100)

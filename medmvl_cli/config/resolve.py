@@ -1,0 +1,161 @@
+"""From a valid recipe to the one that runs: cross-field checks, paths, stage defaults.
+
+Stage defaults for `trainable` (a recipe's values override them key by key):
+
+| stage    | llm    | encoders | connectors | template default |
+|----------|--------|----------|------------|------------------|
+| pretrain | frozen | frozen   | full       | plain            |
+| finetune | full   | frozen   | full       | the LLM's        |
+| lora     | lora   | frozen   | full       | the LLM's        |
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Optional
+
+from medmvl_cli.config.loader import Problem, RawRecipe
+from medmvl_cli.config.schema import STAGES, LoraConfig, Recipe
+
+STAGE_DEFAULTS: dict[str, dict[str, str]] = {
+    "pretrain": {"llm": "frozen", "encoder": "frozen", "connector": "full"},
+    "finetune": {"llm": "full", "encoder": "frozen", "connector": "full"},
+    "lora": {"llm": "lora", "encoder": "frozen", "connector": "full"},
+}
+DEEPSPEED_PRESETS = ("zero2", "zero3")
+PRESET_TEMPLATES = {"tiny-qwen2": "qwen2", "tiny-llama": "llama3", "tiny-phi": "phi", "tiny-phi3": "phi3"}
+MODEL_TYPE_TEMPLATES = {"qwen2": "qwen2", "qwen3": "qwen2", "llama": "llama3", "phi": "phi", "phi3": "phi3"}
+
+
+def _get(tree: Any, *keys: str) -> Any:
+    for key in keys:
+        if not isinstance(tree, dict):
+            return None
+        tree = tree.get(key)
+    return tree
+
+
+def cross_check(tree: dict, stage: Optional[str]) -> list[Problem]:
+    """Checks that span sections, run on the raw tree so they are reported beside field errors."""
+    problems: list[Problem] = []
+    recipe_stage = tree.get("stage")
+    if stage is not None and recipe_stage in STAGES and recipe_stage != stage:
+        problems.append(Problem(
+            "stage", f"the recipe says stage {recipe_stage!r} but it is run by `medmvl {stage}`",
+            hint=f"run `medmvl {recipe_stage}` or remove `stage` from the recipe",
+        ))
+    trainable = tree.get("trainable") if isinstance(tree.get("trainable"), dict) else {}
+    model = tree.get("model") if isinstance(tree.get("model"), dict) else {}
+    for branch in ("image", "image3d"):
+        if model.get(branch) is None:
+            for part in ("encoder", "connector"):
+                key = f"{branch}_{part}"
+                if trainable.get(key) is not None:
+                    problems.append(Problem(
+                        f"trainable.{key}", f"is set but the model has no `model.{branch}` branch",
+                        hint=f"add `model.{branch}` or remove `trainable.{key}`",
+                    ))
+    image3d = model.get("image3d") if isinstance(model.get("image3d"), dict) else {}
+    encoder, size = _get(image3d, "encoder") or {}, _get(image3d, "volume", "size")
+    if isinstance(encoder, dict) and encoder.get("type") == "slices" and isinstance(size, list) and size:
+        slices = encoder.get("num_slices", 32)
+        if isinstance(slices, int) and slices != size[0]:
+            problems.append(Problem(
+                "model.image3d.encoder.num_slices", f"is {slices} but model.image3d.volume.size[0] is {size[0]}",
+                hint="a slices encoder takes every slice of the preprocessed volume: make them equal",
+            ))
+    deepspeed = _get(tree, "distributed", "deepspeed")
+    if isinstance(deepspeed, str) and deepspeed not in DEEPSPEED_PRESETS and not deepspeed.endswith(".json"):
+        problems.append(Problem(
+            "distributed.deepspeed", f"{deepspeed!r} is neither a preset nor a .json file",
+            hint="use zero2, zero3 or the path of a DeepSpeed config .json",
+        ))
+    return problems
+
+
+# ------------------------------------------------------------------------------------------ paths
+def _looks_local(value: str, base: Path) -> bool:
+    """A model path is local if it exists beside the recipe or is written as a path; else a hub id."""
+    return value.startswith((".", "/", "~")) or (base / value).exists()
+
+
+def _resolve(value: Optional[str], base: Path) -> Optional[str]:
+    if value is None:
+        return None
+    return str((base / Path(value).expanduser()).resolve())
+
+
+def resolve_paths(recipe: Recipe, raw: RawRecipe) -> Recipe:
+    """Relative paths resolve against the recipe's folder; paths given as overrides, against the CWD."""
+    recipe_dir = raw.source.parent if raw.source else Path.cwd()
+
+    def base(key: str) -> Path:
+        return Path.cwd() if key in raw.overridden else recipe_dir
+
+    recipe = recipe.model_copy(deep=True)
+    recipe.output_dir = _resolve(recipe.output_dir, base("output_dir"))
+    recipe.init_from = _resolve(recipe.init_from, base("init_from"))
+    for split in ("train", "eval"):
+        for index, spec in enumerate(getattr(recipe.data, split)):
+            for key in ("annotations", "image_root", "volume_root"):
+                setattr(spec, key, _resolve(getattr(spec, key), base(f"data.{split}.{index}.{key}")))
+    recipe.data.cache_dir = _resolve(recipe.data.cache_dir, base("data.cache_dir"))
+    deepspeed = recipe.distributed.deepspeed
+    if deepspeed is not None and deepspeed not in DEEPSPEED_PRESETS:
+        recipe.distributed.deepspeed = _resolve(deepspeed, base("distributed.deepspeed"))
+    parts = [("model.llm.path", recipe.model.llm)]
+    for branch in ("image", "image3d"):
+        if getattr(recipe.model, branch) is not None:
+            parts.append((f"model.{branch}.encoder.path", getattr(recipe.model, branch).encoder))
+    for key, section in parts:
+        value = getattr(section, "path", None)
+        if value is not None and _looks_local(value, base(key)):
+            section.path = _resolve(value, base(key))
+    return recipe
+
+
+# ----------------------------------------------------------------------------------------- stages
+def llm_template(recipe: Recipe) -> Optional[str]:
+    """The native chat template of the recipe's LLM, or None if its family cannot be told."""
+    llm = recipe.model.llm
+    if llm.preset is not None:
+        return PRESET_TEMPLATES[llm.preset]
+    config = Path(llm.path) / "config.json"
+    if config.is_file():
+        model_type = json.loads(config.read_text()).get("model_type", "")
+        if model_type in MODEL_TYPE_TEMPLATES:
+            return MODEL_TYPE_TEMPLATES[model_type]
+    name = Path(llm.path).name.lower().replace("-", "").replace("_", "").replace(".", "")
+    for marker, template in (("qwen", "qwen2"), ("llama3", "llama3"), ("phi3", "phi3"), ("phi", "phi")):
+        if marker in name:
+            return template
+    return None
+
+
+def resolve_stage(recipe: Recipe, stage: Optional[str]) -> tuple[Recipe, list[Problem]]:
+    """Fill `stage`, `trainable`, `lora` and `model.llm.template` with the stage defaults."""
+    problems: list[Problem] = []
+    recipe = recipe.model_copy(deep=True)
+    recipe.stage = stage or recipe.stage or "finetune"
+    defaults = STAGE_DEFAULTS[recipe.stage]
+    trainable = recipe.trainable
+    trainable.llm = trainable.llm or defaults["llm"]
+    for branch in ("image", "image3d"):
+        present = getattr(recipe.model, branch) is not None
+        for part in ("encoder", "connector"):
+            key = f"{branch}_{part}"
+            if present and getattr(trainable, key) is None:
+                setattr(trainable, key, defaults[part])
+    if trainable.llm == "lora" and recipe.lora is None:
+        recipe.lora = LoraConfig()
+    if recipe.model.llm.template is None:
+        template = "plain" if recipe.stage == "pretrain" else llm_template(recipe)
+        if template is None:
+            problems.append(Problem(
+                "model.llm.template", f"cannot tell the chat template of {recipe.model.llm.path}",
+                hint="set model.llm.template to qwen2, llama3, phi or phi3",
+            ))
+        else:
+            recipe.model.llm.template = template
+    return recipe, problems

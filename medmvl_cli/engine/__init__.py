@@ -1,0 +1,1 @@
+"""Running things: training stages, launch, checkpoints, the run folder, the environment."""
