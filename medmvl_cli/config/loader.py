@@ -173,6 +173,8 @@ def _problem_from_error(err: dict) -> Problem:
         close = difflib.get_close_matches(keys[-1], known, n=1, cutoff=0.6)
         hint = f"did you mean {close[0]!r}?" if close else f"known keys here: {', '.join(known)}"
         return Problem(path, "unknown key", hint)
+    if kind == "missing" and keys[-1].isdigit():
+        return Problem(".".join(keys[:-1]), "has too few values")
     if kind == "missing":
         return Problem(path, "required key is missing")
     if kind in ("union_tag_invalid", "union_tag_not_found"):
@@ -230,6 +232,17 @@ def _unique(problems: list[Problem]) -> list[Problem]:
     return out
 
 
+def _type_first(node: Any) -> Any:
+    if isinstance(node, dict):
+        ordered = {"type": node["type"]} if "type" in node else {}
+        ordered.update((k, _type_first(v)) for k, v in node.items() if k != "type")
+        return ordered
+    if isinstance(node, list):
+        return [_type_first(v) for v in node]
+    return node
+
+
 def dump_recipe(recipe: Recipe) -> str:
-    """The recipe as YAML, in schema order, None values kept (they are meaningful)."""
-    return yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False, default_flow_style=None, width=100)
+    """The recipe as YAML, in schema order with `type` first, None values kept (they are meaningful)."""
+    tree = _type_first(recipe.model_dump(mode="json"))
+    return yaml.safe_dump(tree, sort_keys=False, default_flow_style=None, width=100)

@@ -1,0 +1,1 @@
+"""The data side: annotation records, 2D image and 3D volume readers, preprocessing, caching."""
