@@ -37,6 +37,7 @@ app = typer.Typer(
     no_args_is_help=True,
     rich_markup_mode="rich",
     pretty_exceptions_enable=False,
+    add_completion=False,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 
@@ -68,10 +69,13 @@ def root(
 
 def _register() -> None:
     # Imported here so that each group module stays independent of the root.
-    from medmvl_cli.cli import config_cmd, env_cmd
+    from medmvl_cli.cli import config_cmd, env_cmd, eval_cmd, train_cmd
 
     app.command("env", help="Versions, devices and optional parts present or absent.")(env_cmd.env)
     app.add_typer(config_cmd.app, name="config", help="Show or check a recipe.")
+    for stage in ("pretrain", "finetune", "lora"):
+        app.command(stage)(getattr(train_cmd, stage))
+    app.command("eval")(eval_cmd.eval_predictions)
 
 
 _register()

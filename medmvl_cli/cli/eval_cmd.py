@@ -34,20 +34,14 @@ def eval_predictions(
     if json_output:
         typer.echo(json.dumps(report.to_dict(), indent=2))
     else:
-        Console().print(_table(report))
+        _print_table(Console(), report)
     Console(stderr=True).print(f"Per-sample scores: {report.scores_file}", highlight=False, soft_wrap=True)
 
 
-def _table(report):
+def _print_table(console, report) -> None:
     from rich.table import Table
 
-    c = report.counts
-    caption = (
-        f"{c['rows']} rows: {c['scored']} scored ({c['closed']} closed, {c['open']} open, {c['choice']} choice), "
-        f"{c['errors']} errors, {c['no_answer']} without an answer"
-    )
-    notes = [f"{r.label}: not computed, {r.reason}" for r in report.metrics if r.value is None and r.n]
-    table = Table(title=f"medmvl eval: {report.predictions}", caption="\n".join([caption, *notes]), caption_justify="left")
+    table = Table(title="medmvl eval")
     table.add_column("metric")
     table.add_column("value", justify="right")
     table.add_column("n", justify="right")
@@ -57,4 +51,13 @@ def _table(report):
         else:
             value = "[dim]not computed[/dim]" if result.n else "[dim]-[/dim]"
         table.add_row(result.label, value, str(result.n))
-    return table
+    console.print(table)
+    c = report.counts
+    lines = [
+        f"{report.predictions}: {c['rows']} rows, {c['scored']} scored "
+        f"({c['closed']} closed, {c['choice']} of them multiple choice, {c['open']} open), "
+        f"{c['errors']} with an error, {c['no_answer']} without an answer",
+        *(f"{r.label}: not computed, {r.reason}" for r in report.metrics if r.value is None and r.n),
+    ]
+    for line in lines:
+        console.print(line, highlight=False, markup=False, soft_wrap=True)

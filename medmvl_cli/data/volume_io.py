@@ -104,9 +104,9 @@ def read_volume(path: str | Path) -> MetaTensor:
         )
     reader = VolumeReader()
     array, meta = reader.get_data(reader.read(path))
-    tensor = MetaTensor(torch.from_numpy(array), affine=torch.as_tensor(meta["affine"]), meta=meta)
-    tensor.meta["filename_or_obj"] = str(path)
-    return tensor
+    meta["affine"] = torch.as_tensor(meta["affine"], dtype=torch.float64)
+    meta["filename_or_obj"] = str(path)
+    return MetaTensor(torch.from_numpy(array), meta=meta)
 
 
 class VolumeReader(ImageReader):
@@ -326,8 +326,8 @@ def _order_and_affine(folder: Path, slices: list) -> tuple[list, np.ndarray]:
                        "InstanceNumber and assuming an axial LPS grid.", folder)
         slices = sorted(slices, key=lambda item: int(item[1].get("InstanceNumber", 0) or 0))
         thickness = float(first.get("SpacingBetweenSlices", first.get("SliceThickness", 1.0)) or 1.0)
-        lps = np.diag([thickness, row_spacing, col_spacing, 1.0])[:, [0, 1, 2, 3]]
-        lps[:3, :3] = np.array([[0, 0, col_spacing], [0, row_spacing, 0], [thickness, 0, 0]])
+        lps = np.eye(4)  # slice -> superior, row -> posterior, column -> patient's left
+        lps[:3, :3] = [[0.0, 0.0, col_spacing], [0.0, row_spacing, 0.0], [thickness, 0.0, 0.0]]
         return slices, _LPS_TO_RAS @ lps
 
     orientations = np.array([[float(v) for v in ds.ImageOrientationPatient] for _, ds in slices])
@@ -338,6 +338,9 @@ def _order_and_affine(folder: Path, slices: list) -> tuple[list, np.ndarray]:
         )
     row_dir, col_dir = orientations[0][:3], orientations[0][3:]
     normal = np.cross(row_dir, col_dir)
+    if not math.isclose(float(np.linalg.norm(normal)), 1.0, abs_tol=1e-2):
+        raise DataError(f"{folder}: ImageOrientationPatient is not two unit vectors at right angles.",
+                        hint="The header is damaged; re-export the series.")
     positions = np.array([[float(v) for v in ds.ImagePositionPatient] for _, ds in slices])
     along = positions @ normal
     order = np.argsort(along, kind="stable")
@@ -359,7 +362,4 @@ def _order_and_affine(folder: Path, slices: list) -> tuple[list, np.ndarray]:
     lps[:3, 1] = col_dir * row_spacing  # next row: one row spacing along the column direction
     lps[:3, 2] = row_dir * col_spacing  # next column: one column spacing along the row direction
     lps[:3, 3] = positions[0]
-    if not math.isclose(float(np.linalg.norm(normal)), 1.0, abs_tol=1e-2):
-        raise DataError(f"{folder}: ImageOrientationPatient is not two unit vectors at right angles.",
-                        hint="The header is damaged; re-export the series.")
     return slices, _LPS_TO_RAS @ lps

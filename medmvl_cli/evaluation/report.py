@@ -63,7 +63,7 @@ class MetricResult:
 
 @dataclass
 class EvalReport:
-    predictions: Path
+    predictions: Path | None
     scores_file: Path | None
     counts: dict[str, int]
     metrics: list[MetricResult]
@@ -74,7 +74,7 @@ class EvalReport:
 
     def to_dict(self) -> dict:
         return {
-            "predictions": str(self.predictions),
+            "predictions": None if self.predictions is None else str(self.predictions),
             "scores_file": None if self.scores_file is None else str(self.scores_file),
             "models": self.models,
             "counts": self.counts,
@@ -93,8 +93,7 @@ def evaluate_predictions(predictions: Path, write_scores: bool = True) -> EvalRe
     """Read, score and summarise a predictions JSONL; write per-sample scores beside it."""
     predictions = Path(predictions)
     rows = read_predictions(predictions)
-    samples, report = score_rows(rows)
-    report.predictions = predictions
+    samples, report = score_rows(rows, source=predictions)
     if write_scores:
         report.scores_file = scores_path_for(predictions)
         write_jsonl_atomic(report.scores_file, samples)
@@ -102,8 +101,8 @@ def evaluate_predictions(predictions: Path, write_scores: bool = True) -> EvalRe
     return report
 
 
-def score_rows(rows: list[PredictionRow], meteor=None) -> tuple[list[dict], EvalReport]:
-    """Score `rows`; return the per-sample records (one per row) and the report.
+def score_rows(rows: list[PredictionRow], source: Path | None = None, meteor=None) -> tuple[list[dict], EvalReport]:
+    """Score `rows` (read from `source`); return the per-sample records (one per row) and the report.
 
     `meteor` is a callable ``(prediction, reference) -> float``; by default NLTK's METEOR when its
     data is on this machine, else METEOR is reported as not computed.
@@ -134,7 +133,7 @@ def score_rows(rows: list[PredictionRow], meteor=None) -> tuple[list[dict], Eval
     if open_pairs and bert_reason is None:
         bert_reason = _add_bertscore(open_pairs)
     report = EvalReport(
-        predictions=Path(),
+        predictions=source,
         scores_file=None,
         counts=counts,
         metrics=_aggregate(samples, counts, meteor_reason, bert_reason),
@@ -158,8 +157,7 @@ def _score_one(prediction: str, answer: str, given_type: str | None, meteor) -> 
     else:
         pred, ref = prediction.strip(), answer.strip()  # M3D-Bench strips both
         out["open_recall"] = m.open_recall(prediction, answer)
-        for n in tm.BLEU_ORDERS:
-            out[f"bleu_{n}"] = tm.bleu(pred, ref, n)
+        out.update(tm.bleu_scores(pred, ref))
         out.update(tm.rouge(pred, ref))
         if meteor is not None:
             out["meteor"] = meteor(pred, ref)

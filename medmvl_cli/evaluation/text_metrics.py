@@ -24,19 +24,35 @@ BLEU_ORDERS = (1, 2, 3, 4)
 BERTSCORE_MODEL = "roberta-large"
 
 
-@functools.lru_cache(maxsize=None)
-def _bleu_scorer(order: int):
+@functools.lru_cache(maxsize=1)
+def _bleu_scorer():
     from sacrebleu.metrics import BLEU
 
-    return BLEU(max_ngram_order=order, smooth_method="none", tokenize="13a", effective_order=False)
+    return BLEU(max_ngram_order=max(BLEU_ORDERS), smooth_method="none", tokenize="13a", effective_order=False)
+
+
+def bleu_scores(prediction: str, reference: str) -> dict[str, float]:
+    """Sentence BLEU-1..4 in [0, 1] of one prediction against one reference: ``{"bleu_1": ...}``."""
+    if not prediction.strip():
+        return {f"bleu_{n}": 0.0 for n in BLEU_ORDERS}
+    from sacrebleu.metrics import BLEU
+
+    # One pass collects the n-gram counts of every order; each BLEU-n is then computed from them.
+    # (corpus_score on one pair is the unsmoothed sentence score; sentence_score only adds a warning.)
+    stats = _bleu_scorer().corpus_score([prediction], [[reference]])
+    return {
+        f"bleu_{n}": BLEU.compute_bleu(
+            list(stats.counts[:n]), list(stats.totals[:n]), stats.sys_len, stats.ref_len,
+            smooth_method="none", effective_order=False, max_ngram_order=n,
+        ).score
+        / 100.0
+        for n in BLEU_ORDERS
+    }
 
 
 def bleu(prediction: str, reference: str, order: int) -> float:
-    """Sentence BLEU-`order` in [0, 1] of one prediction against one reference."""
-    if not prediction.strip():
-        return 0.0
-    # corpus_score on one pair is the unsmoothed sentence score (sentence_score only adds a warning).
-    return _bleu_scorer(order).corpus_score([prediction], [[reference]]).score / 100.0
+    """Sentence BLEU-`order` (1..4) of one prediction against one reference."""
+    return bleu_scores(prediction, reference)[f"bleu_{order}"]
 
 
 def bleu_tokens(text: str) -> list[str]:
@@ -49,8 +65,10 @@ def bleu_tokens(text: str) -> list[str]:
 @functools.lru_cache(maxsize=1)
 def _rouge_scorer():
     from rouge_score.rouge_scorer import RougeScorer
+    from rouge_score.tokenizers import DefaultTokenizer
 
-    return RougeScorer(["rouge1", "rougeL"], use_stemmer=False)
+    # The tokenizer RougeScorer picks by default, passed explicitly so that it does not log about it.
+    return RougeScorer(["rouge1", "rougeL"], tokenizer=DefaultTokenizer(use_stemmer=False))
 
 
 def rouge(prediction: str, reference: str) -> dict[str, float]:

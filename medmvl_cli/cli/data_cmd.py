@@ -1,0 +1,196 @@
+"""`medmvl data validate | synth`: check an annotation file, or write a synthetic dataset."""
+
+from __future__ import annotations
+
+import json
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+app = typer.Typer(no_args_is_help=True)
+
+
+class ValidateMode(str, Enum):
+    auto = "auto"
+    train = "train"
+    infer = "infer"
+
+
+class SynthKind(str, Enum):
+    d2 = "2d"
+    d3 = "3d"
+    both = "both"
+
+
+@app.command("validate")
+def validate(
+    annotations: Annotated[Path, typer.Argument(help="Annotation file: a JSON list or JSONL of MedM-VL / LLaVA records.", show_default=False)],
+    image_root: Annotated[Optional[Path], typer.Option("--image-root", help="Folder `image` paths are relative to (default: the annotation file's folder).")] = None,
+    volume_root: Annotated[Optional[Path], typer.Option("--volume-root", help="Folder `image3d` paths are relative to (default: the annotation file's folder).")] = None,
+    recipe: Annotated[Optional[Path], typer.Option("--recipe", help="Also tokenise with this recipe's template and report lengths against model.llm.max_length.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON on stdout.")] = False,
+    strict_paths: Annotated[bool, typer.Option("--strict-paths", help="Flag absolute paths and paths that climb out of their root with `..`.")] = False,
+    workers: Annotated[Optional[int], typer.Option("--workers", min=1, help="Threads checking files (default: CPU count + 2, at most 8).")] = None,
+    mode: Annotated[ValidateMode, typer.Option("--mode", help="train: records must end on the gpt answer; infer: may end on a human turn; auto: infer if most records do.")] = ValidateMode.auto,
+    full_decode: Annotated[bool, typer.Option("--full-decode", help="Decode every volume in full (default: headers, plus full decode of float data for NaN / Inf).")] = False,
+    no_files: Annotated[bool, typer.Option("--no-files", help="Check the records only, not the files they name.")] = False,
+    show: Annotated[int, typer.Option("--show", min=0, help="Records listed in detail in the summary.")] = 20,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+) -> None:
+    """Check every record and every file it names; list every problem. Exit 1 if there is any.
+
+    Checks: schema, turn order, answers (training files), <image> / <image3d> counts, duplicate ids,
+    files that are missing, do not decode, have the wrong dimensionality or hold NaN / Inf, and
+    with --strict-paths absolute or escaping paths. The input file is only read.
+
+    Example: medmvl data validate data/train_3d.json --volume-root data/ct --json
+    """
+    from rich.console import Console
+
+    from medmvl_cli.data.validate import roots_from_recipe, validate_annotations
+
+    loaded = None
+    if recipe is not None:
+        from medmvl_cli.config.loader import load_recipe
+
+        loaded = load_recipe(recipe)
+        recipe_image_root, recipe_volume_root = roots_from_recipe(loaded, annotations)
+        image_root = image_root or (Path(recipe_image_root) if recipe_image_root else None)
+        volume_root = volume_root or (Path(recipe_volume_root) if recipe_volume_root else None)
+
+    err = Console(stderr=True)
+    with _progress(err, enabled=not quiet and not as_json and err.is_terminal) as on_progress:
+        report = validate_annotations(
+            annotations, image_root, volume_root, strict_paths=strict_paths, workers=workers,
+            mode=mode.value, check_files=not no_files, full_decode=full_decode, recipe=loaded,
+            progress=on_progress,
+        )
+    if as_json:
+        typer.echo(json.dumps(report.to_dict(), indent=2, ensure_ascii=False))
+    else:
+        _print_summary(report, Console(), show)
+    if not report.ok:
+        raise typer.Exit(1)
+
+
+class _progress:
+    """A transient rich progress bar for the file checks, or a no-op."""
+
+    def __init__(self, console, enabled: bool):
+        self.console, self.enabled, self.bar, self.task = console, enabled, None, None
+
+    def __enter__(self):
+        if not self.enabled:
+            return None
+        from rich.progress import Progress
+
+        self.bar = Progress(console=self.console, transient=True)
+        self.bar.start()
+        self.task = self.bar.add_task("checking files", total=None)
+        return self.update
+
+    def update(self, done: int, total: int) -> None:
+        self.bar.update(self.task, completed=done, total=total)
+
+    def __exit__(self, *exc):
+        if self.bar is not None:
+            self.bar.stop()
+        return False
+
+
+def _print_summary(report, console, show: int) -> None:
+    from rich.markup import escape
+    from rich.table import Table
+
+    from medmvl_cli.data.validate import PROBLEM_KINDS
+
+    kind_of_file = "inference" if report.mode == "infer" else "training"
+    console.print(
+        f"[bold]{escape(report.file)}[/bold]: {report.records} record(s), {report.format}, "
+        f"read as a {kind_of_file} file; {report.files_checked} file(s) checked"
+    )
+    for note in report.notes:
+        console.print(f"[yellow]note:[/yellow] {escape(note)}")
+    if report.lengths is not None:
+        _print_lengths(report.lengths, console)
+    if report.ok:
+        console.print("[green]ok[/green]: no problems")
+        return
+    total = sum(report.totals.values())
+    console.print(f"[red]{total} problem(s) in {len(report.problems)} record(s)[/red]")
+    table = Table(show_edge=False, pad_edge=False)
+    table.add_column("kind")
+    table.add_column("count", justify="right")
+    table.add_column("what")
+    table.add_column("first records")
+    for kind, count in report.totals.items():
+        firsts = [_where(p) for p in report.problems if any(i.kind == kind for i in p.problems)][:3]
+        table.add_row(kind, str(count), PROBLEM_KINDS.get(kind, ""), escape(", ".join(firsts)))
+    console.print(table)
+    for entry in report.problems[:show]:
+        console.print(f"[bold]{escape(_where(entry))}[/bold]")
+        for issue in entry.problems:
+            console.print(f"  [red]{issue.kind}[/red]: {escape(issue.message)}")
+    if len(report.problems) > show:
+        console.print(f"... and {len(report.problems) - show} more record(s) (--show N, or --json for all)")
+
+
+def _where(entry) -> str:
+    line = f", line {entry.line}" if entry.line is not None else ""
+    return f"{entry.id} (record {entry.index}{line})"
+
+
+def _print_lengths(lengths, console) -> None:
+    pct = lengths.percentiles
+    console.print(
+        f"tokens with template {lengths.template} ({', '.join(f'{k} = {v}' for k, v in lengths.placeholder_lengths.items())}): "
+        f"p50 {pct['p50']:.0f}, p90 {pct['p90']:.0f}, p99 {pct['p99']:.0f}, max {pct['max']:.0f} "
+        f"over {lengths.measured} record(s); max_length {lengths.max_length}"
+    )
+    if lengths.truncated:
+        console.print(f"[yellow]{lengths.truncated} record(s) would have their answer cut[/yellow]: {', '.join(lengths.truncated_ids[:5])}")
+    for reason, count in lengths.dropped.items():
+        console.print(f"[yellow]{count} record(s) would be dropped[/yellow] ({reason}): {', '.join(lengths.dropped_ids[reason][:5])}")
+
+
+@app.command("synth")
+def synth(
+    out_dir: Annotated[Path, typer.Argument(help="Folder to write into (created if needed).", show_default=False)],
+    kind: Annotated[SynthKind, typer.Option("--kind", help="2d films, 3d CT volumes, or both.")] = SynthKind.both,
+    n: Annotated[int, typer.Option("--n", min=2, help="Images (and volumes) per kind, train and test together.")] = 200,
+    seed: Annotated[int, typer.Option("--seed", min=0, help="Same seed, same bytes.")] = 0,
+    questions: Annotated[str, typer.Option("--questions", help="all | easy | a comma list of presence, quadrant (2D), side (3D), count, report.")] = "all",
+    image_size: Annotated[int, typer.Option("--image-size", min=16, help="2D film size in pixels (square).")] = 64,
+    volume_size: Annotated[tuple[int, int, int], typer.Option("--volume-size", help="3D volume size D H W in voxels.")] = (32, 64, 64),
+    test_fraction: Annotated[float, typer.Option("--test-fraction", help="Share of cases in the test files.")] = 0.2,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace annotation files and media folders already there.")] = False,
+) -> None:
+    """Write a small synthetic dataset whose answers can only be read off the image.
+
+    2D: grayscale PNG chest films; 3D: NIfTI CT volumes in HU. Files: train_2d.json, test_2d.json,
+    train_3d.json, test_3d.json (MedM-VL format; test records end on the question and carry
+    `answer`), images/ and volumes/. Easy questions for quick runs: 2D quadrant, 3D side.
+
+    Example: medmvl data synth data/synth --kind both --n 240 --questions easy
+    """
+    from rich.console import Console
+    from rich.table import Table
+
+    from medmvl_cli.data.synth import EASY, synthesize
+
+    result = synthesize(
+        out_dir, kind=kind.value, n=n, seed=seed, image_size=image_size, volume_size=volume_size,
+        questions=questions, test_fraction=test_fraction, overwrite=overwrite,
+    )
+    console = Console()
+    table = Table(title=f"synthetic dataset in {result.out_dir}", show_edge=False, pad_edge=False)
+    table.add_column("file")
+    table.add_column("records", justify="right")
+    for name, count in result.annotations.items():
+        table.add_row(name, str(count))
+    console.print(table)
+    for dim, kinds in result.questions.items():
+        console.print(f"{dim}: questions {', '.join(kinds)} (easy: {EASY[dim]}); "
+                      f"{'image_root' if dim == '2d' else 'volume_root'} = {result.out_dir}")

@@ -1,0 +1,91 @@
+"""`medmvl infer`: ask a model about one image / volume, or answer a whole annotation file."""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+GEN = "Generation"
+BATCH = "Batch (--data)"
+DEFAULT_PROMPTS = {
+    "image": "<image>\nDescribe the findings in this image.",
+    "image3d": "<image3d>\nWrite the findings of a radiology report for this CT scan.",
+}
+
+
+def infer(
+    model: Annotated[Optional[str], typer.Option("--model", help="Run folder or model folder; default $MEDMVL_MODEL, else the newest finished run under ./runs.")] = None,
+    image: Annotated[Optional[Path], typer.Option("--image", help="A 2D image (PNG, JPEG, BMP, TIFF, DICOM).")] = None,
+    volume: Annotated[Optional[Path], typer.Option("--volume", help="A 3D volume (.npy, NIfTI, NRRD, MHA, DICOM folder).")] = None,
+    prompt: Annotated[Optional[str], typer.Option("--prompt", help="The question; the placeholder is added when missing.")] = None,
+    data: Annotated[Optional[Path], typer.Option("--data", help="Annotation file to answer (batch mode).", rich_help_panel=BATCH)] = None,
+    out: Annotated[Optional[Path], typer.Option("--out", help="Predictions JSONL (batch mode).", rich_help_panel=BATCH)] = None,
+    image_root: Annotated[Optional[Path], typer.Option("--image-root", help="Folder image paths are relative to.", rich_help_panel=BATCH)] = None,
+    volume_root: Annotated[Optional[Path], typer.Option("--volume-root", help="Folder volume paths are relative to.", rich_help_panel=BATCH)] = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Questions per batch.", rich_help_panel=BATCH)] = 8,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Start the output file over instead of resuming.", rich_help_panel=BATCH)] = False,
+    feature_cache: Annotated[bool, typer.Option("--feature-cache/--no-feature-cache", help="Reuse a volume's features across its questions.", rich_help_panel=BATCH)] = True,
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", min=1, help="Longest answer.", rich_help_panel=GEN)] = 128,
+    temperature: Annotated[float, typer.Option("--temperature", min=0.0, help="0 = greedy; > 0 samples.", rich_help_panel=GEN)] = 0.0,
+    top_p: Annotated[float, typer.Option("--top-p", min=0.0, max=1.0, help="Nucleus sampling mass.", rich_help_panel=GEN)] = 1.0,
+    num_beams: Annotated[int, typer.Option("--num-beams", min=1, help="Beam search width.", rich_help_panel=GEN)] = 1,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+) -> None:
+    """Answer a question about one image or volume, or every record of an annotation file.
+
+    Examples:
+      medmvl infer --volume ct.nii.gz --prompt "Is there a nodule?"
+      medmvl infer --model runs/quickstart-2d --data test_2d.json --out preds.jsonl
+    """
+    from rich.console import Console
+
+    from medmvl_cli.inference.generate import GenerationSettings, Predictor, Request, resolve_model_dir
+
+    single = image is not None or volume is not None
+    if single == (data is not None):
+        raise typer.BadParameter("give --image / --volume (one question) or --data with --out (a file)")
+    if data is not None and out is None:
+        raise typer.BadParameter("--data needs --out PREDICTIONS.jsonl", param_hint="--out")
+    err = Console(stderr=True)
+    model_dir = resolve_model_dir(model)
+    err.print(f"model: {model_dir}")
+    predictor = Predictor(model_dir)
+    settings = GenerationSettings(max_new_tokens, temperature, top_p, num_beams)
+    if single:
+        text = prompt or DEFAULT_PROMPTS["image3d" if volume is not None else "image"]
+        for path, placeholder in ((image, "<image>"), (volume, "<image3d>")):
+            if path is not None and placeholder not in text:
+                text = f"{placeholder}\n{text}"
+        request = Request(messages=[{"role": "user", "content": text}],
+                          images=[image] if image else [], volumes=[volume] if volume else [])
+        predictor.stream(request, settings, on_text=lambda piece: (sys.stdout.write(piece), sys.stdout.flush()))
+        sys.stdout.write("\n")
+        return
+    _batch(predictor, data, out, settings, image_root, volume_root, batch_size, overwrite, feature_cache, quiet, err)
+
+
+def _batch(predictor, data, out, settings, image_root, volume_root, batch_size, overwrite, feature_cache, quiet, err):
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from medmvl_cli.inference.predictions import predict_file
+
+    start = time.perf_counter()
+    with Progress(TextColumn("[bold]infer[/bold]"), BarColumn(), MofNCompleteColumn(),
+                  TextColumn("{task.fields[rate]}"), TimeRemainingColumn(), console=err, disable=quiet) as progress:
+        task = progress.add_task("infer", total=None, rate="")
+
+        def on_progress(done: int, total: int) -> None:
+            rate = done / max(time.perf_counter() - start, 1e-9)
+            progress.update(task, completed=done, total=total, rate=f"{rate:.2f} items/s")
+
+        counts = predict_file(predictor, data, out, settings, image_root=image_root, volume_root=volume_root,
+                              batch_size=batch_size, overwrite=overwrite, use_feature_cache=feature_cache,
+                              on_progress=on_progress)
+    elapsed = time.perf_counter() - start
+    err.print(f"{counts['asked']} asked ({counts['asked'] / max(elapsed, 1e-9):.2f} items/s), "
+              f"{counts['skipped']} already in {out}, {counts['errors']} error(s)")
+    typer.echo(str(out))

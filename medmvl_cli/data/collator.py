@@ -1,0 +1,68 @@
+"""Batches for the model: padded (attention mask) or padding-free packed (position ids).
+
+Sequences arrive at their final length, so the collator only pads or concatenates. Images and
+volumes of the whole batch are concatenated in the order their placeholders appear (row-major),
+which is the order the model's masked scatter fills them in.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from medmvl_cli.data.dataset import SKIPPED
+from medmvl_cli.data.encoding import IGNORE_INDEX
+
+
+def _cat(tensors: list[Optional[torch.Tensor]]) -> Optional[torch.Tensor]:
+    present = [t for t in tensors if t is not None]
+    return torch.cat(present) if present else None
+
+
+class LVLMCollator:
+    """`packing=False`: right-padded (B, L) batch with attention mask. `packing=True`: one (1, sum L) row
+    with position ids restarting at 0 per sample (needs `use_cache=False`, as in training)."""
+
+    def __init__(self, pad_token_id: int, packing: bool = False):
+        self.pad_token_id = pad_token_id
+        self.packing = packing
+
+    def __call__(self, features: list[dict]) -> dict:
+        skipped = [f[SKIPPED] for f in features if SKIPPED in f]
+        features = [f for f in features if SKIPPED not in f]
+        batch = self._pack(features) if self.packing else self._pad(features)
+        batch["pixel_values"] = _cat([f.get("pixel_values") for f in features])
+        batch["volumes"] = _cat([f.get("volumes") for f in features])
+        batch = {k: v for k, v in batch.items() if v is not None}
+        if skipped:
+            batch[SKIPPED] = skipped
+        return batch
+
+    def _pad(self, features: list[dict]) -> dict:
+        if not features:
+            return {}
+        longest = max(len(f["input_ids"]) for f in features)
+        input_ids = torch.full((len(features), longest), self.pad_token_id, dtype=torch.long)
+        labels = torch.full((len(features), longest), IGNORE_INDEX, dtype=torch.long)
+        attention_mask = torch.zeros((len(features), longest), dtype=torch.long)
+        for row, f in enumerate(features):
+            n = len(f["input_ids"])
+            input_ids[row, :n] = f["input_ids"]
+            labels[row, :n] = f["labels"]
+            attention_mask[row, :n] = 1
+        return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
+
+    def _pack(self, features: list[dict]) -> dict:
+        if not features:
+            return {}
+        labels = []
+        for f in features:
+            sample = f["labels"].clone()
+            sample[0] = IGNORE_INDEX  # never predict a sample's first token from the previous sample
+            labels.append(sample)
+        return {
+            "input_ids": torch.cat([f["input_ids"] for f in features])[None],
+            "labels": torch.cat(labels)[None],
+            "position_ids": torch.cat([torch.arange(len(f["input_ids"])) for f in features])[None],
+        }

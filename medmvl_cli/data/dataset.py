@@ -1,0 +1,112 @@
+"""The training dataset: encoded records plus their media, loaded lazily per item.
+
+Records are tokenised once, up front (lengths are needed by the length-grouped sampler and
+over-long samples must be reported before training, not found mid-run). Images and volumes are
+read in `__getitem__`, in DataLoader workers. A record whose file fails to load stops the run
+with its id, or with `skip_bad_records` is skipped and counted; it is never replaced by another.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+
+from medmvl_cli.data.annotations import default_root, read_records, resolve_media_path
+from medmvl_cli.data.encoding import EncodedRecord, encode_records
+from medmvl_cli.data.media import MediaLoader
+from medmvl_cli.errors import DataError
+
+logger = logging.getLogger(__name__)
+
+SKIPPED = "skipped_record"
+
+
+@dataclass
+class DatasetSource:
+    """One annotation file with its media roots and sampling weight (a recipe `data.train` item)."""
+
+    annotations: str
+    image_root: Optional[str] = None
+    volume_root: Optional[str] = None
+    weight: float = 1.0
+
+
+@dataclass
+class Item:
+    encoded: EncodedRecord
+    images: list[Path]
+    volumes: list[Path]
+    source_index: int
+
+
+class LVLMDataset(torch.utils.data.Dataset):
+    """Map-style dataset of encoded records; `lengths` and `source_indices` feed the sampler."""
+
+    def __init__(self, items: list[Item], media: MediaLoader, skip_bad_records: bool = False):
+        self.items = items
+        self.media = media
+        self.skip_bad_records = skip_bad_records
+
+    @classmethod
+    def from_sources(
+        cls, sources: Sequence[DatasetSource], tokenizer, template, placeholder_lengths: dict[str, int],
+        max_length: int, media: MediaLoader, truncate_answers: bool = False, skip_bad_records: bool = False,
+        require_answer: bool = True,
+    ) -> "LVLMDataset":
+        items: list[Item] = []
+        for index, source in enumerate(sources):
+            records = read_records(source.annotations, require_answer=require_answer)
+            encoded, report = encode_records(records, tokenizer, template, placeholder_lengths, max_length, truncate_answers)
+            report.log(Path(source.annotations).name)
+            image_root = default_root(source.annotations, source.image_root)
+            volume_root = default_root(source.annotations, source.volume_root)
+            for enc in encoded:
+                items.append(Item(
+                    encoded=enc,
+                    images=[resolve_media_path(p, image_root) for p in enc.record.images],
+                    volumes=[resolve_media_path(p, volume_root) for p in enc.record.volumes],
+                    source_index=index,
+                ))
+        if not items:
+            names = ", ".join(s.annotations for s in sources) or "(none)"
+            raise DataError(f"no trainable records in {names}",
+                            hint="check `data.train` in the recipe and run `medmvl data validate` on each file")
+        return cls(items, media, skip_bad_records)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    @property
+    def lengths(self) -> list[int]:
+        return [len(item.encoded) for item in self.items]
+
+    @property
+    def source_indices(self) -> list[int]:
+        return [item.source_index for item in self.items]
+
+    def __getitem__(self, index: int) -> dict:
+        item = self.items[index]
+        record = item.encoded.record
+        try:
+            pixel_values = self.media.images(item.images)
+            volumes = self.media.volumes(item.volumes)
+        except DataError as err:
+            if self.skip_bad_records:
+                logger.warning("skipping record %r (%s): %s", record.id, record.source.describe(), err.message)
+                return {SKIPPED: record.id}
+            raise DataError(
+                f"{record.source.describe(record.id)}: {err.message}",
+                hint="fix or remove the record (`medmvl data validate` lists every bad file), "
+                     "or set data.skip_bad_records=true to skip such records and count them",
+            ) from None
+        return {
+            "id": record.id,
+            "input_ids": torch.tensor(item.encoded.input_ids, dtype=torch.long),
+            "labels": torch.tensor(item.encoded.labels, dtype=torch.long),
+            "pixel_values": pixel_values,
+            "volumes": volumes,
+        }

@@ -1,0 +1,100 @@
+"""Records to token ids: the chat template, placeholder expansion and the one truncation point.
+
+A sequence leaves here at its final length (image placeholders expanded to the token count of the
+model's encoder + connector), so the collator only pads. Over-long samples are never cut silently:
+they are dropped and counted by id, or, with `truncate_answers`, only the answer tail is cut, and
+never through image tokens or down to no trained token at all.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Iterable, Optional
+
+from medmvl_cli.data.annotations import IMAGE_PLACEHOLDER, VOLUME_PLACEHOLDER, Record
+from medmvl_cli.data.templates import ChatTemplate, Encoded
+
+logger = logging.getLogger(__name__)
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class EncodedRecord:
+    """A record's token ids and labels at their final length."""
+
+    record: Record
+    input_ids: list[int]
+    labels: list[int]
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+
+@dataclass
+class EncodingReport:
+    """What happened to the records of a file on their way to token ids."""
+
+    kept: int = 0
+    truncated: list[str] = field(default_factory=list)
+    dropped: dict[str, list[str]] = field(default_factory=dict)  # reason -> ids
+    lengths: list[int] = field(default_factory=list)
+
+    def drop(self, reason: str, record_id: str) -> None:
+        self.dropped.setdefault(reason, []).append(record_id)
+
+    def log(self, what: str) -> None:
+        total = self.kept + sum(len(v) for v in self.dropped.values())
+        logger.info("%s: %d of %d records kept, %d truncated", what, self.kept, total, len(self.truncated))
+        for reason, ids in self.dropped.items():
+            shown = ", ".join(ids[:10]) + (" ..." if len(ids) > 10 else "")
+            logger.warning("%s: dropped %d record(s), %s: %s", what, len(ids), reason, shown)
+        if self.truncated:
+            shown = ", ".join(self.truncated[:10]) + (" ..." if len(self.truncated) > 10 else "")
+            logger.warning("%s: cut the answer tail of %d record(s): %s", what, len(self.truncated), shown)
+
+
+def fit_to_length(
+    encoded: Encoded, max_length: int, placeholder_ids: Iterable[int], truncate_answers: bool
+) -> tuple[Optional[Encoded], Optional[str]]:
+    """The one truncation point. Returns (encoded, None) or (None, why it was dropped)."""
+    ids, labels = encoded.input_ids, encoded.labels
+    if not any(label != IGNORE_INDEX for label in labels):
+        return None, "no answer tokens to train on"
+    if len(ids) <= max_length:
+        return encoded, None
+    if not truncate_answers:
+        return None, f"longer than model.llm.max_length ({max_length} tokens)"
+    placeholders = set(placeholder_ids)
+    if any(token in placeholders for token in ids[max_length:]):
+        return None, "image tokens beyond model.llm.max_length (image tokens are never cut)"
+    if not any(label != IGNORE_INDEX for label in labels[:max_length]):
+        return None, "the answer starts beyond model.llm.max_length"
+    return Encoded(input_ids=ids[:max_length], labels=labels[:max_length]), None
+
+
+def encode_records(
+    records: Iterable[Record],
+    tokenizer,
+    template: ChatTemplate,
+    placeholder_lengths: dict[str, int],
+    max_length: int,
+    truncate_answers: bool = False,
+) -> tuple[list[EncodedRecord], EncodingReport]:
+    """Encode training records; every drop and cut is in the report (and nothing is lost silently)."""
+    placeholder_ids = [tokenizer.convert_tokens_to_ids(p) for p in (IMAGE_PLACEHOLDER, VOLUME_PLACEHOLDER)]
+    report = EncodingReport()
+    out: list[EncodedRecord] = []
+    for record in records:
+        encoded = template.encode(tokenizer, record.messages(), placeholder_lengths)
+        report.lengths.append(len(encoded.input_ids))
+        fitted, reason = fit_to_length(encoded, max_length, placeholder_ids, truncate_answers)
+        if fitted is None:
+            report.drop(reason, record.id)
+            continue
+        if len(fitted.input_ids) < len(encoded.input_ids):
+            report.truncated.append(record.id)
+        report.kept += 1
+        out.append(EncodedRecord(record, fitted.input_ids, fitted.labels))
+    return out, report

@@ -1,0 +1,538 @@
+"""`medmvl data validate`: every problem of an annotation file, never stopping at the first.
+
+One pass over the records checks structure, turn order, answers and placeholder counts, ids and
+paths; the image / volume files are checked once each, in a thread pool, while the pass goes on.
+Volumes get a header-level check (shape, dtype) and are decoded in full only where their values
+can be NaN / Inf (floating point data) or when `full_decode` asks for it. Nothing is written.
+
+With a recipe, each record is also tokenised with the recipe's chat template, image placeholders
+expanded to the model's token counts, to report sequence lengths against `model.llm.max_length`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Literal, Optional, Union
+
+import numpy as np
+
+from medmvl_cli.data.annotations import (
+    IMAGE_PLACEHOLDER,
+    VOLUME_PLACEHOLDER,
+    AnnotationFile,
+    Issue,
+    Record,
+    conversation_problems,
+    default_root,
+    path_problem,
+    resolve_media_path,
+    schema_problems,
+)
+from medmvl_cli.errors import DataError, MedmvlError, ModelError
+
+log = logging.getLogger(__name__)
+
+Mode = Literal["auto", "train", "infer"]
+PROBLEM_KINDS: dict[str, str] = {
+    "json": "a JSONL line that is not valid JSON",
+    "schema": "missing or mistyped keys (id, conversations, turns, image paths, answer, question_type)",
+    "role": "a turn whose `from` is not human/user, gpt/assistant or system",
+    "alternation": "turns that do not alternate human/gpt (a system turn only first)",
+    "empty_turn": "an empty human turn",
+    "empty_answer": "an empty gpt turn",
+    "unanswered": "a training record that does not end on the gpt answer",
+    "placeholder": "<image> / <image3d> counts that differ from the `image` / `image3d` lists",
+    "duplicate_id": "an id used by an earlier record",
+    "absolute_path": "an absolute path (with --strict-paths)",
+    "escapes_root": "a path climbing out of its root with .. (with --strict-paths)",
+    "missing_file": "an image or volume that does not exist",
+    "unreadable": "a file that does not decode",
+    "dimensionality": "a 2-D image given as a volume, or a volume given as an image",
+    "nonfinite": "NaN or Inf values in a volume",
+    "template": "a record the recipe's chat template cannot encode",
+}
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".dcm", ".dicom")
+VOLUME_SUFFIXES = (".npy", ".nii", ".nii.gz", ".nrrd", ".mha", ".mhd")
+_CHUNK = 1 << 24  # elements per finiteness check, so huge float volumes stream through memory
+
+
+# ---------------------------------------------------------------------------------------- results
+@dataclass
+class RecordProblems:
+    """Every problem of one record, with where it is."""
+
+    id: Optional[str]
+    index: int
+    line: Optional[int]
+    problems: list[Issue] = field(default_factory=list)
+
+
+@dataclass
+class LengthStats:
+    """Token counts after placeholder expansion, and what `model.llm.max_length` would do to them."""
+
+    template: str
+    max_length: int
+    placeholder_lengths: dict[str, int]
+    measured: int
+    percentiles: dict[str, float]
+    truncated: int
+    truncated_ids: list[str]
+    dropped: dict[str, int]  # reason -> count
+    dropped_ids: dict[str, list[str]]  # reason -> first ids
+
+
+@dataclass
+class ValidationReport:
+    """What `validate_annotations` found. `problems` holds only records that have some."""
+
+    file: str
+    format: str
+    mode: str
+    records: int
+    problems: list[RecordProblems]
+    totals: dict[str, int]
+    files_checked: int
+    notes: list[str] = field(default_factory=list)
+    lengths: Optional[LengthStats] = None
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def to_dict(self) -> dict[str, Any]:
+        """The `--json` form: records, problems [{id, index, line, problems [{kind, message}]}], totals."""
+        out = {
+            "file": self.file, "format": self.format, "mode": self.mode,
+            "records": self.records,
+            "problems": [
+                {"id": p.id, "index": p.index, "line": p.line,
+                 "problems": [{"kind": i.kind, "message": i.message} for i in p.problems]}
+                for p in self.problems
+            ],
+            "totals": dict(self.totals),
+            "files_checked": self.files_checked,
+            "notes": list(self.notes),
+        }
+        if self.lengths is not None:
+            out["lengths"] = asdict(self.lengths)
+        return out
+
+
+# ------------------------------------------------------------------------------------ file checks
+def _suffix(path: Path) -> str:
+    name = path.name.lower()
+    return ".nii.gz" if name.endswith(".nii.gz") else path.suffix.lower()
+
+
+def _is_dicom(path: Path) -> bool:
+    if _suffix(path) in (".dcm", ".dicom"):
+        return True
+    try:
+        with open(path, "rb") as fh:
+            fh.seek(128)
+            return fh.read(4) == b"DICM"
+    except OSError:
+        return False
+
+
+def _nonfinite_issue(values: np.ndarray) -> Optional[Issue]:
+    """Counts NaN / Inf in float data, chunk by chunk (works on memory maps)."""
+    if values.dtype.kind not in "fc":
+        return None
+    flat = values.reshape(-1)
+    nan = inf = 0
+    for start in range(0, flat.size, _CHUNK):
+        chunk = np.asarray(flat[start:start + _CHUNK])
+        if np.isfinite(chunk).all():
+            continue
+        nan += int(np.isnan(chunk).sum())
+        inf += int(np.isinf(chunk).sum())
+    if nan or inf:
+        return Issue("nonfinite", f"{nan} NaN and {inf} Inf voxel(s) of {flat.size}")
+    return None
+
+
+def _shape_issue(shape: tuple[int, ...], fmt: str) -> Optional[str]:
+    """What the volume reader would reject about a shape (mirrors volume_io's rules)."""
+    shape = tuple(int(s) for s in shape)
+    dims = list(shape)
+    if fmt == "npy" and len(dims) == 4 and dims[0] == 1:
+        dims = dims[1:]
+    while len(dims) > 3 and dims[-1] == 1:
+        dims = dims[:-1]
+    if len(dims) < 3:
+        return f"shape {shape} is {len(dims)}-D: a 2-D image given as a volume (list it under `image`)"
+    if len(dims) > 3:
+        return f"shape {shape} is {len(dims)}-D: a volume is one 3-D scan (D, H, W)"
+    if min(dims) < 2:
+        return f"shape {shape} is a single slice: a 2-D image given as a volume (list it under `image`)"
+    return None
+
+
+@dataclass
+class _VolumeHeader:
+    fmt: str
+    shape: tuple[int, ...]
+    floating: bool
+    load: Callable[[], np.ndarray]  # full decode of the raw values
+
+
+def _volume_header(path: Path) -> _VolumeHeader:
+    """Shape and dtype from the header alone where the format allows it; raises on a broken file."""
+    suffix = _suffix(path)
+    if suffix == ".npy":
+        array = np.load(path, mmap_mode="r", allow_pickle=False)
+        return _VolumeHeader("npy", array.shape, array.dtype.kind in "fc", lambda: array)
+    if suffix in (".nii", ".nii.gz"):
+        import nibabel as nib
+
+        img = nib.load(str(path))
+        slope, inter = getattr(img.dataobj, "slope", 1.0), getattr(img.dataobj, "inter", 0.0)
+        floating = img.get_data_dtype().kind in "fc" or not np.isfinite([slope, inter]).all()
+        return _VolumeHeader("nifti", img.shape, floating, lambda: np.asanyarray(img.dataobj))
+    if suffix in (".nrrd", ".mha", ".mhd"):
+        import SimpleITK as sitk
+
+        reader = sitk.ImageFileReader()
+        reader.SetFileName(str(path))
+        reader.ReadImageInformation()
+        if reader.GetNumberOfComponents() != 1:
+            raise DataError(f"{reader.GetNumberOfComponents()} components per voxel, not one intensity")
+        floating = "float" in sitk.GetPixelIDValueAsString(reader.GetPixelID())
+        return _VolumeHeader(
+            "itk", tuple(reversed(reader.GetSize())), floating,
+            lambda: sitk.GetArrayViewFromImage(sitk.ReadImage(str(path))),
+        )
+    raise DataError(f"unsupported volume format {suffix or '(no suffix)'}")
+
+
+def _dicom_folder_issue(path: Path) -> Optional[Issue]:
+    import SimpleITK as sitk
+
+    series = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(path))
+    if not series:
+        return Issue("unreadable", f"folder {path} holds no DICOM series")
+    if len(series) > 1:
+        return Issue("unreadable", f"folder {path} holds {len(series)} DICOM series; a volume folder holds one")
+    files = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(path), series[0])
+    if len(files) < 2:
+        return Issue("dimensionality", f"folder {path} holds a single DICOM slice: a 2-D image given as a volume")
+    return None
+
+
+def _dicom_frames(path: Path) -> int:
+    import pydicom
+
+    ds = pydicom.dcmread(str(path), stop_before_pixels=True)
+    return int(ds.get("NumberOfFrames", 1) or 1)
+
+
+def check_volume_file(path: Path, *, full_decode: bool = False) -> list[Issue]:
+    """Problems of one `image3d` file or DICOM folder (existence, format, shape, NaN / Inf)."""
+    if not path.exists():
+        return [Issue("missing_file", f"volume not found: {path}")]
+    try:
+        suffix = _suffix(path)
+        if path.is_dir():
+            issue = _dicom_folder_issue(path)
+            if issue is not None:
+                return [issue]
+        elif suffix in VOLUME_SUFFIXES:
+            header = _volume_header(path)
+            problem = _shape_issue(header.shape, header.fmt)
+            if problem is not None:
+                return [Issue("dimensionality", f"{path}: {problem}")]
+            if header.floating:
+                issue = _nonfinite_issue(header.load())
+                if issue is not None:
+                    return [Issue("nonfinite", f"{path}: {issue.message}")]
+        elif _is_dicom(path):
+            frames = _dicom_frames(path)
+            if frames > 1:
+                return [Issue("unreadable", f"{path} is a multi-frame DICOM file ({frames} frames); convert it to NIfTI")]
+            return [Issue("dimensionality", f"{path} is a single DICOM slice: a 2-D image given as a volume (list it under `image`, or give the series folder)")]
+        elif suffix in IMAGE_SUFFIXES or _is_image(path):
+            return [Issue("dimensionality", f"{path} is a 2-D image file given as a volume (list it under `image`)")]
+        else:
+            return [Issue("unreadable", f"{path}: {suffix or 'no suffix'} is not a volume format (.npy, .nii(.gz), .nrrd, .mha/.mhd or a DICOM folder)")]
+        if full_decode:
+            from medmvl_cli.data.volume_io import read_volume
+
+            read_volume(path)
+    except MedmvlError as err:
+        return [Issue("unreadable", f"{path}: {err.message}")]
+    except Exception as err:  # every reader has its own exceptions for a broken file
+        return [Issue("unreadable", f"{path}: {type(err).__name__}: {err}")]
+    return []
+
+
+def _is_image(path: Path) -> bool:
+    from PIL import Image
+
+    try:
+        with Image.open(path):
+            return True
+    except Exception:
+        return False
+
+
+def _decode_image(path: Path) -> None:
+    # PIL / pydicom directly: image_io pulls in torch and MONAI, seconds of import for a check.
+    if _is_dicom(path):
+        import pydicom
+
+        pydicom.dcmread(str(path)).pixel_array
+        return
+    from PIL import Image
+
+    with Image.open(path) as img:
+        img.load()
+
+
+def check_image_file(path: Path) -> list[Issue]:
+    """Problems of one `image` file (existence, a volume in disguise, multi-frame, decoding)."""
+    if not path.exists():
+        return [Issue("missing_file", f"image not found: {path}")]
+    try:
+        if path.is_dir():
+            return [Issue("dimensionality", f"{path} is a folder (a DICOM series?): a volume given as an image (list it under `image3d`)")]
+        suffix = _suffix(path)
+        if suffix in VOLUME_SUFFIXES:
+            header = _volume_header(path)
+            dims = [d for d in header.shape if d > 1]
+            if len(dims) >= 3:
+                return [Issue("dimensionality", f"{path} holds a volume of shape {tuple(header.shape)}: a volume given as an image (list it under `image3d`)")]
+            return [Issue("unreadable", f"{path}: {suffix} is not an image format (use PNG, JPEG, BMP, TIFF or DICOM)")]
+        if _is_dicom(path):
+            frames = _dicom_frames(path)
+            if frames > 1:
+                return [Issue("dimensionality", f"{path} is a multi-frame DICOM ({frames} frames): a volume given as an image")]
+        else:
+            from PIL import Image
+
+            with Image.open(path) as img:
+                frames = getattr(img, "n_frames", 1)
+            if frames > 1:
+                return [Issue("dimensionality", f"{path} has {frames} frames: a volume given as an image (list it under `image3d`)")]
+        _decode_image(path)
+    except MedmvlError as err:
+        return [Issue("unreadable", f"{path}: {err.message}")]
+    except Exception as err:
+        return [Issue("unreadable", f"{path}: {type(err).__name__}: {err}")]
+    return []
+
+
+# ------------------------------------------------------------------------------- recipe / lengths
+def placeholder_lengths_for(recipe) -> dict[str, int]:
+    """Tokens one placeholder expands to with this recipe's model: {"<image>": n, "<image3d>": m}.
+
+    The counts come from the model side (each branch's `num_tokens`); until that is wired in,
+    this raises so that `--recipe` fails clearly instead of guessing.
+    """
+    raise ModelError(
+        "cannot tell how many tokens an <image> / <image3d> becomes for this recipe: "
+        "the model side's token counts are not available in this build",
+        hint="run `medmvl data validate` without --recipe for now",
+    )
+
+
+def tokenizer_for(recipe):
+    """The recipe LLM's tokenizer (a preset's shipped one, or the one in `model.llm.path`)."""
+    llm = recipe.model.llm
+    try:
+        if llm.preset is not None:
+            from medmvl_cli.config.resolve import PRESET_TEMPLATES
+            from medmvl_cli.model.presets.tokenizer_files import load_preset_tokenizer
+
+            return load_preset_tokenizer(PRESET_TEMPLATES[llm.preset])
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(llm.path)
+    except MedmvlError:
+        raise
+    except Exception as err:
+        raise ModelError(f"cannot load the tokenizer of {llm.path or llm.preset}: {err}",
+                         hint="check model.llm.path points at a local HF folder with tokenizer files") from err
+
+
+def roots_from_recipe(recipe, annotations: Path | str) -> tuple[Optional[str], Optional[str]]:
+    """image_root / volume_root of the recipe's data entry for this annotation file, if it has one."""
+    target = Path(annotations).resolve()
+    for spec in list(recipe.data.train) + list(recipe.data.eval):
+        if Path(spec.annotations).resolve() == target:
+            return spec.image_root, spec.volume_root
+    return None, None
+
+
+class _LengthProbe:
+    """Tokenises records with the recipe's template; applies the dataset's one truncation rule."""
+
+    def __init__(self, recipe):
+        from medmvl_cli.data.templates import get_template
+
+        self.template_name = recipe.model.llm.template or "plain"
+        self.template = get_template(self.template_name)
+        self.max_length = recipe.model.llm.max_length
+        self.truncate_answers = bool(getattr(recipe.data, "truncate_answers", False))
+        self.placeholder_lengths = placeholder_lengths_for(recipe)
+        self.tokenizer = tokenizer_for(recipe)
+        self.placeholder_ids = [self.tokenizer.convert_tokens_to_ids(p) for p in (IMAGE_PLACEHOLDER, VOLUME_PLACEHOLDER)]
+        self.lengths: list[int] = []
+        self.truncated: list[str] = []
+        self.dropped: dict[str, list[str]] = {}
+
+    def measure(self, record: Record) -> Optional[Issue]:
+        from medmvl_cli.data.encoding import fit_to_length
+
+        try:
+            encoded = self.template.encode(
+                self.tokenizer, record.messages(), self.placeholder_lengths, add_generation_prompt=record.ends_on_user
+            )
+        except Exception as err:
+            return Issue("template", f"the {self.template_name} template cannot encode it: {getattr(err, 'message', err)}")
+        self.lengths.append(len(encoded.input_ids))
+        if record.ends_on_user:  # an inference prompt: nothing to train, only its length matters
+            reason = f"prompt longer than model.llm.max_length ({self.max_length} tokens)"
+            fitted = None if len(encoded.input_ids) > self.max_length else encoded
+        else:
+            fitted, reason = fit_to_length(encoded, self.max_length, self.placeholder_ids, self.truncate_answers)
+        if fitted is None:
+            self.dropped.setdefault(reason or "dropped", []).append(record.id)
+        elif len(fitted.input_ids) < len(encoded.input_ids):
+            self.truncated.append(record.id)
+        return None
+
+    def stats(self, limit: int = 20) -> LengthStats:
+        lengths = np.asarray(self.lengths or [0])
+        pct = {f"p{q}": float(np.percentile(lengths, q)) for q in (50, 90, 95, 99)}
+        pct.update(mean=float(lengths.mean()), max=float(lengths.max()))
+        return LengthStats(
+            self.template_name, self.max_length, dict(self.placeholder_lengths), len(self.lengths), pct,
+            len(self.truncated), self.truncated[:limit],
+            {reason: len(ids) for reason, ids in self.dropped.items()},
+            {reason: ids[:limit] for reason, ids in self.dropped.items()},
+        )
+
+
+# ---------------------------------------------------------------------------------------- driver
+class _Collector:
+    def __init__(self):
+        self.by_index: dict[int, RecordProblems] = {}
+
+    def add(self, index: int, rid: Optional[str], line: Optional[int], issues: list[Issue]) -> None:
+        if not issues:
+            return
+        entry = self.by_index.get(index)
+        if entry is None:
+            entry = self.by_index[index] = RecordProblems(rid, index, line)
+        entry.problems.extend(issues)
+
+
+def validate_annotations(
+    annotations: Union[str, Path],
+    image_root: Union[str, Path, None] = None,
+    volume_root: Union[str, Path, None] = None,
+    *,
+    strict_paths: bool = False,
+    workers: Optional[int] = None,
+    mode: Mode = "auto",
+    check_files: bool = True,
+    full_decode: bool = False,
+    recipe=None,
+    progress: Optional[Callable[[int, int], None]] = None,
+) -> ValidationReport:
+    """Check every record of `annotations` and every file they name; the input is only read.
+
+    Relative paths resolve against `image_root` / `volume_root` (default: the annotation file's
+    folder). `mode`: train (records must end on the gpt answer), infer (may end on a human turn),
+    auto (infer when most records end on a human turn). `progress(done, total)` follows the file
+    checks. With `recipe`, lengths are measured with its template (see `LengthStats`).
+    """
+    path = Path(annotations)
+    file = AnnotationFile(path)
+    roots = {"image": default_root(path, image_root), "volume": default_root(path, volume_root)}
+    notes = [f"{key}_root {root} is not a folder" for key, root in roots.items()
+             if (image_root if key == "image" else volume_root) is not None and not root.is_dir()]
+    probe = _LengthProbe(recipe) if recipe is not None else None
+    found = _Collector()
+    seen_ids: dict[str, tuple[int, Optional[int]]] = {}
+    unanswered: list[tuple[int, Optional[str], Optional[int], list[Issue]]] = []
+    ends_on_user = parsed = 0
+    refs: dict[tuple[str, str], list[int]] = {}
+    meta: dict[int, tuple[Optional[str], Optional[int]]] = {}
+    futures: dict[tuple[str, str], Future] = {}
+    pool = ThreadPoolExecutor(max_workers=workers or min(8, (os.cpu_count() or 1) + 2)) if check_files else None
+    count = 0
+    try:
+        for raw in file:
+            count += 1
+            src = raw.source
+            record, issues = schema_problems(raw)
+            rid = record.id if record is not None else raw.id
+            if record is not None:
+                parsed += 1
+                ends_on_user += record.ends_on_user
+                conv = conversation_problems(record, require_answer=True)
+                late = [i for i in conv if i.kind == "unanswered"]
+                if late:
+                    unanswered.append((src.index, rid, src.line, late))
+                issues += [i for i in conv if i.kind != "unanswered"]
+                if rid in seen_ids:
+                    first, first_line = seen_ids[rid]
+                    at = f"record {first}" + (f" (line {first_line})" if first_line else "")
+                    issues.append(Issue("duplicate_id", f"id {rid!r} is already used by {at}"))
+                else:
+                    seen_ids[rid] = (src.index, src.line)
+                for kind, paths in (("image", record.images), ("volume", record.volumes)):
+                    for written in paths:
+                        if strict_paths:
+                            problem = path_problem(written)
+                            if problem is not None:
+                                issues.append(Issue(problem[0], f"{kind} path {problem[1]}"))
+                        if pool is not None:
+                            key = (kind, str(resolve_media_path(written, roots[kind])))
+                            if key not in futures:
+                                check = check_image_file if kind == "image" else check_volume_file
+                                args = {} if kind == "image" else {"full_decode": full_decode}
+                                futures[key] = pool.submit(check, Path(key[1]), **args)
+                            refs.setdefault(key, []).append(src.index)
+                            meta[src.index] = (rid, src.line)
+                if probe is not None and not issues:
+                    length_issue = probe.measure(record)
+                    if length_issue is not None:
+                        issues.append(length_issue)
+            found.add(src.index, rid, src.line, issues)
+        if count == 0:
+            raise DataError(f"{path}: holds no records", hint="an annotation file needs at least one record")
+        resolved_mode = mode if mode != "auto" else ("infer" if ends_on_user * 2 > parsed else "train")
+        if resolved_mode == "train":
+            for index, rid, line, issues in unanswered:
+                found.add(index, rid, line, issues)
+        done = 0
+        for key, future in futures.items():
+            issues = future.result()
+            for index in refs[key]:
+                rid, line = meta[index]
+                found.add(index, rid, line, issues)
+            done += 1
+            if progress is not None:
+                progress(done, len(futures))
+    finally:
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
+    problems = [found.by_index[i] for i in sorted(found.by_index)]
+    totals: dict[str, int] = {}
+    for entry in problems:
+        for issue in entry.problems:
+            totals[issue.kind] = totals.get(issue.kind, 0) + 1
+    log.debug("validated %d records of %s: %d with problems", count, path, len(problems))
+    return ValidationReport(
+        file=str(path), format=file.format, mode=resolved_mode, records=count, problems=problems,
+        totals=dict(sorted(totals.items(), key=lambda kv: -kv[1])), files_checked=len(futures),
+        notes=notes, lengths=probe.stats() if probe is not None else None,
+    )

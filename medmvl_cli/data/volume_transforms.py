@@ -1,0 +1,267 @@
+"""Turn a volume file into the encoder's input: a float32 tensor (1, D, H, W) in [0, 1].
+
+MONAI dictionary transforms, driven by a volume config (any object, or mapping, with ``size``,
+``window``, ``spacing``, ``orientation``, ``crop_foreground`` and ``augment`` holding
+``flip_prob``, ``rotate90_prob``, ``intensity_scale_prob``, ``intensity_shift_prob``):
+
+    load -> channel-first -> orientation -> [spacing] -> HU window to [0, 1] -> [foreground crop]
+         -> resize to ``size`` -> (train only) random flips / 90° turns / intensity scale, shift
+
+Axes: ``orientation`` names, with the nibabel / MONAI / DICOM letters (the direction each axis
+*increases toward*), the W, H and D axes in that order (ITK's x, y, z); the tensor is laid out
+depth first, (D, H, W), as SimpleITK's arrays and MedM-VL's ``.npy`` are. ``LPS`` gives axial
+slices as a radiologist views them: D inferior -> superior, H anterior -> posterior, W the
+patient's right -> left. ``spacing`` is in (D, H, W) order. See docs/volumes.md.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+import math
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from monai.transforms import (
+    Compose,
+    CropForegroundd,
+    EnsureChannelFirstd,
+    EnsureTyped,
+    MapTransform,
+    Orientationd,
+    RandFlipd,
+    RandRotate90d,
+    RandScaleIntensityd,
+    RandShiftIntensityd,
+    Resized,
+    ScaleIntensityRanged,
+    Spacingd,
+)
+
+from medmvl_cli.data.volume_io import read_volume, volume_format
+from medmvl_cli.errors import DataError, MedmvlError, RecipeError
+
+logger = logging.getLogger(__name__)
+
+KEY = "image"
+# Bump when the eval-mode output of the pipeline changes, so that caches rebuild.
+PIPELINE_VERSION = 1
+_CFG_PATH = "model.image3d.volume"
+_RAS_LABELS = (("L", "R"), ("P", "A"), ("I", "S"))
+_AXIS_PAIRS = ({"L", "R"}, {"A", "P"}, {"S", "I"})
+
+
+@dataclasses.dataclass(frozen=True)
+class VolumeAugment:
+    """Probabilities of the train-time random transforms (0 disables one)."""
+
+    flip_prob: float = 0.0
+    rotate90_prob: float = 0.0
+    intensity_scale_prob: float = 0.0
+    intensity_shift_prob: float = 0.0
+
+
+@dataclasses.dataclass(frozen=True)
+class VolumeParams:
+    """A validated, hashable, picklable snapshot of a volume config."""
+
+    size: tuple[int, int, int]
+    window: tuple[float, float]
+    spacing: tuple[float, float, float] | None
+    orientation: str
+    crop_foreground: bool
+    augment: VolumeAugment = VolumeAugment()
+
+    @classmethod
+    def from_config(cls, cfg: Any) -> VolumeParams:
+        """Accept a ``VolumeParams``, the pydantic ``VolumeConfig``, a namespace or a mapping."""
+        if isinstance(cfg, VolumeParams):
+            return cfg
+        get = _getter(cfg)
+        size = _triple(get("size"), "size", int)
+        if min(size) < 1:
+            raise RecipeError(f"{_CFG_PATH}.size: every size must be positive, got {list(size)}.")
+        window = get("window")
+        if window is None or len(window) != 2 or not float(window[0]) < float(window[1]):
+            raise RecipeError(f"{_CFG_PATH}.window: expected [low, high] HU with low < high, got {window!r}.",
+                              hint="For CT, [-1000, 1000] keeps air to bone.")
+        spacing = get("spacing")
+        if spacing is not None:
+            spacing = _triple(spacing, "spacing", float)
+            if min(spacing) <= 0 or not all(math.isfinite(s) for s in spacing):
+                raise RecipeError(f"{_CFG_PATH}.spacing: expected three positive mm values or null, got {list(spacing)}.")
+        orientation = str(get("orientation") or "").upper()
+        if len(orientation) != 3 or any(sum(c in pair for c in orientation) != 1 for pair in _AXIS_PAIRS):
+            raise RecipeError(
+                f"{_CFG_PATH}.orientation: {get('orientation')!r} is not three axis letters, one from each "
+                "of L/R, A/P, S/I.",
+                hint="LPS gives axial slices as a radiologist views them (see docs/volumes.md).",
+            )
+        aug = get("augment")
+        aug_get = _getter(aug) if aug is not None else (lambda name: 0.0)
+        probs = {}
+        for field in dataclasses.fields(VolumeAugment):
+            value = float(aug_get(field.name) or 0.0)
+            if not 0.0 <= value <= 1.0:
+                raise RecipeError(f"{_CFG_PATH}.augment.{field.name}: a probability in [0, 1], got {value}.")
+            probs[field.name] = value
+        augment = VolumeAugment(**probs)
+        if augment.rotate90_prob > 0 and size[1] != size[2]:
+            raise RecipeError(
+                f"{_CFG_PATH}.augment.rotate90_prob: 90° turns in the H×W plane need H == W, size is {list(size)}.",
+                hint="Use a square H×W or set rotate90_prob to 0.",
+            )
+        return cls(size, (float(window[0]), float(window[1])), spacing, orientation,
+                   bool(get("crop_foreground")), augment)
+
+    def eval_dict(self) -> dict:
+        """The parameters the eval-mode output depends on (what a cache keys on)."""
+        return {
+            "pipeline": PIPELINE_VERSION,
+            "size": list(self.size),
+            "window": list(self.window),
+            "spacing": None if self.spacing is None else list(self.spacing),
+            "orientation": self.orientation,
+            "crop_foreground": self.crop_foreground,
+        }
+
+    @property
+    def axcodes(self) -> str:
+        """MONAI ``Orientation`` codes for the (D, H, W) array axes."""
+        return self.orientation[::-1]
+
+    @property
+    def augments(self) -> bool:
+        return any(v > 0 for v in dataclasses.astuple(self.augment))
+
+
+def _getter(cfg: Any):
+    if isinstance(cfg, Mapping):
+        return cfg.get
+    return lambda name: getattr(cfg, name, None)
+
+
+def _triple(value: Any, name: str, kind: type) -> tuple:
+    try:
+        items = tuple(kind(v) for v in value)
+    except (TypeError, ValueError):
+        items = ()
+    if len(items) != 3:
+        raise RecipeError(f"{_CFG_PATH}.{name}: expected three numbers in (D, H, W) order, got {value!r}.")
+    return items
+
+
+class LoadVolumed(MapTransform):
+    """Read the path under each key with ``read_volume`` (a channel-less RAS ``MetaTensor``)."""
+
+    def __call__(self, data: Mapping) -> dict:
+        out = dict(data)
+        for key in self.key_iterator(out):
+            out[key] = read_volume(out[key])
+        return out
+
+
+def _foreground(img: torch.Tensor) -> torch.Tensor:
+    """Voxels above the window's floor; the whole volume when nothing is (never crop to empty)."""
+    mask = img > 0
+    return mask if bool(mask.any()) else torch.ones_like(mask)
+
+
+def build_volume_transform(cfg: Any, train: bool = False) -> Compose:
+    """The MONAI pipeline for ``{"image": path}`` -> ``{"image": float32 tensor (1, D, H, W)}``.
+
+    Random transforms are added only when ``train`` is true (and only those with a probability
+    above 0). Call ``.set_random_state(seed)`` on the result for reproducible augmentation.
+    """
+    params = VolumeParams.from_config(cfg)
+    transforms = list(_eval_transforms(params))
+    if train:
+        transforms += _augment_transforms(params)
+    return Compose(transforms)
+
+
+@functools.lru_cache(maxsize=16)
+def _eval_transforms(params: VolumeParams) -> tuple:
+    steps: list = [
+        LoadVolumed(KEY),
+        EnsureChannelFirstd(KEY, channel_dim="no_channel"),
+        Orientationd(KEY, axcodes=params.axcodes, labels=_RAS_LABELS),
+    ]
+    if params.spacing is not None:
+        steps.append(Spacingd(KEY, pixdim=params.spacing, mode="bilinear", padding_mode="border"))
+    lo, hi = params.window
+    steps.append(ScaleIntensityRanged(KEY, a_min=lo, a_max=hi, b_min=0.0, b_max=1.0, clip=True))
+    if params.crop_foreground:
+        steps.append(CropForegroundd(KEY, source_key=KEY, select_fn=_foreground, allow_smaller=True))
+    # Trilinear like MedM-VL / M3D's preprocessing, which the pretrained 3D encoders were fed.
+    steps.append(Resized(KEY, spatial_size=params.size, mode="trilinear"))
+    steps.append(EnsureTyped(KEY, data_type="tensor", dtype=torch.float32, track_meta=False))
+    return tuple(steps)
+
+
+def _augment_transforms(params: VolumeParams) -> list:
+    aug = params.augment
+    steps: list = []
+    if aug.flip_prob > 0:
+        steps += [RandFlipd(KEY, prob=aug.flip_prob, spatial_axis=axis) for axis in (0, 1, 2)]
+    if aug.rotate90_prob > 0:
+        steps.append(RandRotate90d(KEY, prob=aug.rotate90_prob, max_k=3, spatial_axes=(1, 2)))
+    if aug.intensity_scale_prob > 0:
+        steps.append(RandScaleIntensityd(KEY, factors=0.1, prob=aug.intensity_scale_prob))
+    if aug.intensity_shift_prob > 0:
+        steps.append(RandShiftIntensityd(KEY, offsets=0.1, prob=aug.intensity_shift_prob))
+    if steps:
+        steps.append(EnsureTyped(KEY, data_type="tensor", dtype=torch.float32, track_meta=False))
+    return steps
+
+
+def build_augment_transform(cfg: Any) -> Compose | None:
+    """Only the train-time random transforms, for tensors that were preprocessed already (for
+    example read from a ``VolumeCache``). ``None`` when every probability is 0."""
+    steps = _augment_transforms(VolumeParams.from_config(cfg))
+    return Compose(steps) if steps else None
+
+
+def _torch_seed() -> int:
+    # Draw from torch's generator so augmentation follows torch.manual_seed and differs per
+    # DataLoader worker (torch seeds each worker differently), unlike MONAI's own RandomState.
+    return int(torch.randint(0, 2**31 - 1, (1,)).item())
+
+
+def augment_volume(volume: torch.Tensor, cfg: Any) -> torch.Tensor:
+    """Apply the train-time random transforms to a preprocessed (1, D, H, W) tensor."""
+    transform = build_augment_transform(cfg)
+    if transform is None:
+        return volume
+    transform.set_random_state(seed=_torch_seed())
+    return transform({KEY: volume})[KEY].contiguous()
+
+
+def load_volume(path: str | Path, cfg: Any, train: bool = False) -> torch.Tensor:
+    """Read and preprocess one volume: a float32 tensor (1, D, H, W) with values in [0, 1]
+    (augmentation at train time may leave that range slightly). Raises ``DataError``."""
+    params = VolumeParams.from_config(cfg)
+    if params.spacing is not None and volume_format(path) == "npy":
+        logger.debug("%s: .npy has no geometry; `spacing` resamples it as 1 mm voxels.", path)
+    volume = _run(Compose(list(_eval_transforms(params))), path)
+    return augment_volume(volume, params) if train else volume
+
+
+def _run(transform: Compose, path: str | Path) -> torch.Tensor:
+    try:
+        out = transform({KEY: str(path)})[KEY]
+    except Exception as err:
+        # MONAI wraps errors raised inside a transform in RuntimeError; surface ours as they are.
+        cause: BaseException | None = err
+        while cause is not None:
+            if isinstance(cause, MedmvlError):
+                raise cause from None
+            cause = cause.__cause__ or cause.__context__
+        raise DataError(
+            f"{path}: preprocessing failed ({type(err).__name__}: {err}).",
+            hint="Run with --debug for the traceback; check the volume opens in a viewer.",
+        ) from err
+    return out.contiguous()

@@ -1,0 +1,236 @@
+"""`medmvl pretrain | finetune | lora`: one engine function from a resolved recipe to a finished run."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Optional
+
+from medmvl_cli.config.schema import Recipe
+from medmvl_cli.errors import RunError
+
+logger = logging.getLogger(__name__)
+
+DEEPSPEED_CONFIGS = Path(__file__).resolve().parent / "deepspeed"
+
+
+def compute_dtype(recipe: Recipe) -> str:
+    """float32 | bfloat16 | float16: `auto` is bfloat16 on GPUs that support it, else float32.
+
+    On a CPU every dtype trains in float32 (bf16 is ~30x slower there and fp16 unsupported)."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return "float32"
+    dtype = recipe.model.llm.dtype
+    if dtype == "auto":
+        return "bfloat16" if torch.cuda.is_bf16_supported() else "float32"
+    return dtype
+
+
+def deepspeed_config(recipe: Recipe) -> Optional[str]:
+    name = recipe.distributed.deepspeed
+    if name is None:
+        return None
+    path = DEEPSPEED_CONFIGS / f"{name}.json" if name in ("zero2", "zero3") else Path(name)
+    if not path.is_file():
+        raise RunError(f"distributed.deepspeed: {path} does not exist", hint="use zero2, zero3 or an existing .json")
+    return str(path)
+
+
+def placeholder_lengths(model) -> dict[str, int]:
+    """Tokens per `<image>` / `<image3d>`, derived from the model's encoders and connectors."""
+    lengths = {}
+    for branch, placeholder in (("image", "<image>"), ("image3d", "<image3d>")):
+        if model.has_branch(branch):
+            lengths[placeholder] = model.num_tokens(branch)
+    return lengths
+
+
+def build_training_model(recipe: Recipe):
+    """The model (fresh, or from `init_from`), its tokenizer and image processor, with trainable parts set."""
+    from medmvl_cli.model.builder import build_model, load_model
+    from medmvl_cli.model.trainable import apply_lora, apply_trainable
+
+    if recipe.init_from:
+        source = Path(recipe.init_from)
+        model_dir = source / "model" if (source / "model").is_dir() else source
+        if not (model_dir / "config.json").is_file():
+            raise RunError(f"init_from: {recipe.init_from} holds no model",
+                           hint="point init_from at a finished run folder (runs/NAME) or its model/ folder")
+        model, tokenizer, image_processor = load_model(model_dir, merge_lora=True)
+        logger.info("starting from the weights of %s", model_dir)
+    else:
+        model, tokenizer, image_processor = build_model(recipe, dtype="float32")
+    model.config.template = recipe.model.llm.template
+    apply_trainable(model, recipe.trainable)
+    if recipe.trainable.llm == "lora":
+        apply_lora(model, recipe.lora)
+    return model, tokenizer, image_processor
+
+
+def _sources(specs):
+    from medmvl_cli.data.dataset import DatasetSource
+
+    return [DatasetSource(s.annotations, s.image_root, s.volume_root, s.weight) for s in specs]
+
+
+def build_datasets(recipe: Recipe, model, tokenizer, image_processor):
+    from medmvl_cli.data.dataset import LVLMDataset
+    from medmvl_cli.data.media import MediaLoader
+    from medmvl_cli.data.templates import get_template
+
+    template = get_template(recipe.model.llm.template)
+    lengths = placeholder_lengths(model)
+    image3d = recipe.model.image3d
+
+    def dataset(specs, train: bool):
+        media = MediaLoader(
+            image_processor=image_processor,
+            image_window=recipe.model.image.window if recipe.model.image else None,
+            volume_config=image3d.volume if image3d else None,
+            cache_dir=recipe.data.cache_dir, train=train,
+        )
+        return LVLMDataset.from_sources(
+            _sources(specs), tokenizer, template, lengths, recipe.model.llm.max_length, media,
+            truncate_answers=recipe.data.truncate_answers, skip_bad_records=recipe.data.skip_bad_records,
+            require_answer=train,
+        )
+
+    if not recipe.data.train:
+        raise RunError("the recipe has no training data", hint="add data.train: [{annotations: train.json, ...}]")
+    train = dataset(recipe.data.train, True)
+    evaluation = dataset(recipe.data.eval, False) if recipe.data.eval else None
+    return train, evaluation
+
+
+def training_arguments(recipe: Recipe, run, quiet: bool):
+    import torch
+    from transformers import TrainingArguments
+
+    dtype = compute_dtype(recipe)
+    train = recipe.train
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    cuda = torch.cuda.is_available()
+    report_to = [r for r in train.report_to if r != "none"] or "none"
+    if report_to != "none":
+        os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(run.logs_dir))
+    return TrainingArguments(
+        output_dir=str(run.checkpoints_dir),
+        per_device_train_batch_size=train.batch_size,
+        per_device_eval_batch_size=train.batch_size,
+        gradient_accumulation_steps=train.grad_accum,
+        num_train_epochs=train.epochs,
+        max_steps=train.max_steps or -1,
+        learning_rate=train.lr,
+        lr_scheduler_type=train.lr_scheduler,
+        warmup_steps=train.warmup_ratio,
+        weight_decay=train.weight_decay,
+        max_grad_norm=train.max_grad_norm,
+        gradient_checkpointing=train.gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False} if train.gradient_checkpointing else None,
+        logging_steps=train.logging_steps,
+        save_strategy="steps",
+        save_steps=train.save_steps,
+        save_total_limit=None,  # the trainer rotates its own step-N folders
+        eval_strategy="steps" if (train.eval_steps and recipe.data.eval) else "no",
+        eval_steps=train.eval_steps,
+        report_to=report_to,
+        seed=recipe.seed,
+        data_seed=recipe.seed,
+        bf16=dtype == "bfloat16",
+        fp16=dtype == "float16",
+        use_cpu=not cuda,
+        ddp_backend="gloo" if (distributed and not cuda) else None,
+        deepspeed=deepspeed_config(recipe),
+        dataloader_num_workers=recipe.data.num_workers,
+        remove_unused_columns=False,
+        disable_tqdm=True,
+        logging_nan_inf_filter=False,
+        use_cache=False,
+        ddp_find_unused_parameters=False,
+    )
+
+
+def train_stage(recipe: Recipe, *, resume: Optional[str] = None, overwrite: bool = False,
+                quiet: bool = False) -> Path:
+    """Train one stage of a resolved recipe into its run folder; returns the folder."""
+    import transformers
+
+    from medmvl_cli.config.loader import dump_recipe
+    from medmvl_cli.data.collator import LVLMCollator
+    from medmvl_cli.engine.callbacks import MetricsFile, RichProgress
+    from medmvl_cli.engine.run_folder import RunFolder
+    from medmvl_cli.engine.trainer import LVLMTrainer
+
+    run = RunFolder(recipe.output_dir)
+    args = training_arguments(recipe, run, quiet)
+    checkpoint = None
+    with args.main_process_first(local=False, desc="prepare the run folder"):
+        if args.process_index == 0:
+            checkpoint = run.prepare(dump_recipe(recipe), overwrite=overwrite, resume=resume)
+        elif resume:
+            checkpoint = run.last_checkpoint() if resume == "auto" else Path(resume)
+    transformers.set_seed(recipe.seed)
+    model, tokenizer, image_processor = build_training_model(recipe)
+    train_set, eval_set = build_datasets(recipe, model, tokenizer, image_processor)
+    callbacks = [MetricsFile(run.metrics_file)]
+    if not quiet:
+        callbacks.append(RichProgress())
+    trainer = LVLMTrainer(
+        model=model, args=args, train_dataset=train_set, eval_dataset=eval_set,
+        data_collator=LVLMCollator(tokenizer.pad_token_id, packing=recipe.data.packing),
+        callbacks=callbacks, sampler_weights=[s.weight for s in recipe.data.train],
+        group_by_length=recipe.data.group_by_length, keep_checkpoints=recipe.train.save_total_limit,
+        param_lrs=component_learning_rates(model, recipe),
+    )
+    if checkpoint is not None:
+        logger.info("resuming from %s", checkpoint)
+    try:
+        trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    finally:
+        for callback in trainer.callback_handler.callbacks:
+            if isinstance(callback, RichProgress):
+                callback.on_train_end(args, trainer.state, trainer.control)
+    if trainer.skipped_records:
+        logger.warning("skipped %d record(s) whose files failed to load: %s", len(trainer.skipped_records),
+                       ", ".join(trainer.skipped_records[:20]))
+    if eval_set is not None:
+        metrics = trainer.evaluate()
+        logger.info("eval loss %.4f", metrics.get("eval_loss", float("nan")))
+    save_final_model(trainer, run, tokenizer, image_processor, recipe)
+    return run.root
+
+
+def component_learning_rates(model, recipe: Recipe) -> dict[int, float]:
+    """{id(param): lr} for the components given their own rate (train.lr_connector / lr_encoder)."""
+    rates = {}
+    for name, module in model.components().items():
+        lr = recipe.train.lr_connector if name.endswith("connector") else (
+            recipe.train.lr_encoder if name.endswith("encoder") else None)
+        if lr is not None:
+            rates.update({id(p): lr for p in module.parameters()})
+    return rates
+
+
+def save_final_model(trainer, run, tokenizer, image_processor, recipe: Recipe) -> None:
+    """model/ written beside and renamed into place; FINISHED last (rank 0)."""
+    import shutil
+
+    state_dict = trainer.accelerator.get_state_dict(trainer.model_wrapped) if trainer.is_deepspeed_enabled else None
+    trainer.accelerator.wait_for_everyone()
+    if not trainer.args.should_save:
+        return
+    from medmvl_cli.model.builder import save_model
+
+    staging = run.root / ".model.tmp"
+    shutil.rmtree(staging, ignore_errors=True)
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    save_model(model, staging, tokenizer=tokenizer, image_processor=image_processor,
+               state_dict=state_dict, dtype=compute_dtype(recipe))
+    if run.model_dir.exists():
+        shutil.rmtree(run.model_dir)
+    os.replace(staging, run.model_dir)
+    run.mark_finished()
+    logger.info("finished: %s", run.model_dir)

@@ -1,0 +1,1 @@
+"""Inference: answering with a saved model, one request or a whole annotation file."""

@@ -1,0 +1,144 @@
+"""`medm_clip`: MedM-CLIP's 3D ViT (MSIIP/MedM-VL, `lvlm/model/encoder/medmclip.py`), released weights.
+
+Architecture (sizes from the folder's config.json: `hidden_size`, `image_size`, `image_patch_size`,
+`frame_size`, `frame_patch_size`, `image_num_heads`, `image_mlp_dim`, `image_num_layers`; MedM-CLIP's
+defaults 768 / 256 / 16 / 32 / 4 / 12 / 3072 / 12): patch embedding = rearrange
+`b c (f pf) (h p1) (w p2) -> b (f h w) (p1 p2 pf c)` -> LayerNorm -> Linear -> LayerNorm; CLS token
+prepended, then a learned position embedding over CLS + patches; post-norm
+`nn.TransformerEncoderLayer`s (ReLU, no dropout).
+
+Weights by their released names: `vision_encoder.to_patch_embedding.{1,2,3}.*`,
+`vision_encoder.pos_embedding`, `vision_encoder.cls_token`, `vision_encoder.transformer_layers.N.*`.
+`vision_encoder.mlp_head.*` (the contrastive head) is checked and dropped; `text_encoder.*` and
+`logit_scale` are dropped. Unlike MedM-VL, the features are not detached, so `trainable: full`
+trains the encoder.
+
+Input: volumes (N, 1, D, H, W) in [0, 1]; inside, x 255 and z-scored with MedM-CLIP's mean 55.698
+and std 66.194, as its training data were.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, ClassVar, Optional
+
+import torch
+from torch import nn
+
+from medmvl_cli.errors import ModelError
+from medmvl_cli.model.encoders.base import Encoder, TokenLayout, check_select_layer, mark_loaded
+from medmvl_cli.model.encoders.released import load_vision_weights, read_config, read_state_dict
+from medmvl_cli.model.encoders.vit3d import check_patch_grid, check_volume_shape
+
+MEAN, STD = 55.6982188356434, 66.1943479570918
+MEDM_DEFAULTS = {
+    "hidden_size": 768, "image_size": 256, "image_patch_size": 16, "frame_size": 32, "frame_patch_size": 4,
+    "image_num_heads": 12, "image_mlp_dim": 3072, "image_num_layers": 12,
+}
+TEXT_PREFIXES = ("text_encoder.", "logit_scale")
+UNUSED_VISION_KEYS = ("mlp_head.0.weight", "mlp_head.0.bias", "mlp_head.1.weight", "mlp_head.1.bias")
+
+
+class Patchify3d(nn.Module):
+    """(N, C, D, H, W) -> (N, (D/pf)(H/p1)(W/p2), p1·p2·pf·C): MedM-CLIP's rearrange, in torch ops."""
+
+    def __init__(self, pf: int, p1: int, p2: int):
+        super().__init__()
+        self.pf, self.p1, self.p2 = pf, p1, p2
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n, c, d, h, w = x.shape
+        pf, p1, p2 = self.pf, self.p1, self.p2
+        x = x.reshape(n, c, d // pf, pf, h // p1, p1, w // p2, p2)
+        x = x.permute(0, 2, 4, 6, 5, 7, 3, 1)  # n, f, h, w, p1, p2, pf, c
+        return x.reshape(n, (d // pf) * (h // p1) * (w // p2), p1 * p2 * pf * c)
+
+
+class MedmClipViT(nn.Module):
+    """MedM-CLIP's vision transformer, named as released (without its contrastive head)."""
+
+    def __init__(self, img_size, patch_size, dim: int, depth: int, heads: int, mlp_dim: int):
+        super().__init__()
+        grid = tuple(s // p for s, p in zip(img_size, patch_size))
+        patch_dim = patch_size[0] * patch_size[1] * patch_size[2]
+        self.to_patch_embedding = nn.Sequential(
+            Patchify3d(*patch_size), nn.LayerNorm(patch_dim), nn.Linear(patch_dim, dim), nn.LayerNorm(dim)
+        )
+        num_patches = grid[0] * grid[1] * grid[2]
+        self.pos_embedding = nn.Parameter(torch.randn(1, num_patches + 1, dim))
+        self.cls_token = nn.Parameter(torch.randn(1, 1, dim))
+        self.transformer_layers = nn.ModuleList(
+            nn.TransformerEncoderLayer(d_model=dim, nhead=heads, dim_feedforward=mlp_dim, dropout=0.0, batch_first=True)
+            for _ in range(depth)
+        )
+        self.grid = grid
+        self.gradient_checkpointing = False
+
+    def hidden_states(self, x: torch.Tensor, upto: int) -> torch.Tensor:
+        """(N, 1, D, H, W) z-scored -> hidden state `upto` (0 = embeddings), (N, 1 + patches, dim)."""
+        x = self.to_patch_embedding(x)
+        x = torch.cat((self.cls_token.expand(x.shape[0], -1, -1), x), dim=1)
+        x = x + self.pos_embedding[:, : x.shape[1]]
+        for layer in self.transformer_layers[:upto]:
+            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+                x = self._gradient_checkpointing_func(layer.__call__, x)
+            else:
+                x = layer(x)
+        return x
+
+
+def _sizes(released: dict) -> dict:
+    sizes = dict(MEDM_DEFAULTS)
+    sizes.update({k: released[k] for k in MEDM_DEFAULTS if k in released})
+    image_size, patch = sizes["image_size"], sizes["image_patch_size"]
+    # MedM-VL's loader rewrites image_size / patch_size as [D, H, W] lists; accept both forms.
+    img = tuple(image_size) if isinstance(image_size, list) else (sizes["frame_size"], image_size, image_size)
+    pch = tuple(patch) if isinstance(patch, list) else (sizes["frame_patch_size"], patch, patch)
+    return {
+        "img_size": list(img), "patch_size": list(pch), "hidden_size": sizes["hidden_size"],
+        "num_layers": sizes["image_num_layers"], "num_heads": sizes["image_num_heads"], "mlp_dim": sizes["image_mlp_dim"],
+    }
+
+
+class MedmClipEncoder(Encoder):
+    type: ClassVar[str] = "medm_clip"
+    modality: ClassVar[str] = "volume"
+
+    def __init__(self, arch: dict[str, Any], attn_implementation: str = "sdpa"):
+        super().__init__(arch)
+        self.img_size = tuple(arch["img_size"])
+        self.vit = MedmClipViT(
+            self.img_size, tuple(arch["patch_size"]), arch["hidden_size"], arch["num_layers"],
+            arch["num_heads"], arch["mlp_dim"],
+        )
+        self.select_layer = check_select_layer(arch["select_layer"], arch["num_layers"] + 1, "medm_clip encoder")
+        self.include_cls = arch["select_feature"] == "cls_patch"
+        self.width = arch["hidden_size"]
+        self.layout = TokenLayout(self.vit.grid, 1 if self.include_cls else 0)
+
+    @classmethod
+    def from_recipe(cls, cfg: Any, volume: Optional[Any] = None, attn_implementation: str = "sdpa") -> "MedmClipEncoder":
+        folder = Path(cfg.path)
+        sizes = _sizes(read_config(folder))
+        check_patch_grid(sizes["img_size"], sizes["patch_size"], "medm_clip encoder")
+        if volume is not None and list(volume.size) != sizes["img_size"]:
+            raise ModelError(
+                f"medm_clip encoder: model.image3d.volume.size is {list(volume.size)} but MedM-CLIP takes {sizes['img_size']}",
+                hint=f"set model.image3d.volume.size to {sizes['img_size']} (its position embeddings are fixed)",
+            )
+        arch = {"type": cls.type, "select_layer": cfg.select_layer, "select_feature": cfg.select_feature, **sizes}
+        encoder = cls(arch)
+        state, source = read_state_dict(folder, "medm_clip encoder")
+        load_vision_weights(
+            encoder.vit, state, source=source, what="medm_clip encoder", prefix="vision_encoder.",
+            ignored_prefixes=TEXT_PREFIXES, unused_vision_keys=UNUSED_VISION_KEYS,
+        )
+        mark_loaded(encoder)
+        return encoder
+
+    def forward(self, volumes: torch.Tensor) -> torch.Tensor:
+        """(N, 1, D, H, W) in [0, 1] -> (N, T, width)."""
+        check_volume_shape(volumes, self.img_size, "medm_clip encoder")
+        x = (volumes.to(self.vit.pos_embedding.dtype) * 255.0 - MEAN) / STD
+        features = self.vit.hidden_states(x, self.select_layer)
+        return features if self.include_cls else features[:, 1:]
