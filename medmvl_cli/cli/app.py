@@ -69,13 +69,21 @@ def root(
 
 def _register() -> None:
     # Imported here so that each group module stays independent of the root.
-    from medmvl_cli.cli import config_cmd, env_cmd, eval_cmd, train_cmd
+    from medmvl_cli.cli import config_cmd, data_cmd, env_cmd, eval_cmd, infer_cmd, quickstart_cmd, train_cmd
+    from medmvl_cli.cli import demo_cmd
+    from medmvl_cli.cli import export_cmd, import_cmd
 
     app.command("env", help="Versions, devices and optional parts present or absent.")(env_cmd.env)
     app.add_typer(config_cmd.app, name="config", help="Show or check a recipe.")
+    app.add_typer(data_cmd.app, name="data", help="Validate, synthesise and cache datasets.")
     for stage in ("pretrain", "finetune", "lora"):
         app.command(stage)(getattr(train_cmd, stage))
+    app.command("infer")(infer_cmd.infer)
     app.command("eval")(eval_cmd.eval_predictions)
+    app.command("quickstart")(quickstart_cmd.quickstart)
+    app.command("demo")(demo_cmd.demo)
+    app.command("export")(export_cmd.export)
+    app.add_typer(import_cmd.app, name="import", help="Turn checkpoints of other toolkits (MedM-VL) into medmvl runs.")
 
 
 _register()

@@ -1,4 +1,4 @@
-"""`medmvl data validate | synth`: check an annotation file, or write a synthetic dataset."""
+"""`medmvl data validate | synth | cache`: check an annotation file, write a synthetic dataset, fill the volume cache."""
 
 from __future__ import annotations
 
@@ -26,26 +26,53 @@ class SynthKind(str, Enum):
 
 @app.command("validate")
 def validate(
-    annotations: Annotated[Path, typer.Argument(help="Annotation file: a JSON list or JSONL of MedM-VL / LLaVA records.", show_default=False)],
-    image_root: Annotated[Optional[Path], typer.Option("--image-root", help="Folder `image` paths are relative to (default: the annotation file's folder).")] = None,
-    volume_root: Annotated[Optional[Path], typer.Option("--volume-root", help="Folder `image3d` paths are relative to (default: the annotation file's folder).")] = None,
-    recipe: Annotated[Optional[Path], typer.Option("--recipe", help="Also tokenise with this recipe's template and report lengths against model.llm.max_length.")] = None,
+    annotations: Annotated[
+        Path,
+        typer.Argument(help="Annotation file: a JSON list or JSONL of MedM-VL / LLaVA records.", show_default=False),
+    ],
+    image_root: Annotated[
+        Optional[Path],
+        typer.Option("--image-root", help="Folder `image` paths are relative to (default: the annotation file's folder)."),
+    ] = None,
+    volume_root: Annotated[
+        Optional[Path],
+        typer.Option("--volume-root", help="Folder `image3d` paths are relative to (default: the annotation file's folder)."),
+    ] = None,
+    recipe: Annotated[
+        Optional[Path],
+        typer.Option("--recipe", help="Also tokenise with this recipe's template and report lengths against model.llm.max_length."),
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON on stdout.")] = False,
-    strict_paths: Annotated[bool, typer.Option("--strict-paths", help="Flag absolute paths and paths that climb out of their root with `..`.")] = False,
-    workers: Annotated[Optional[int], typer.Option("--workers", min=1, help="Threads checking files (default: CPU count + 2, at most 8).")] = None,
-    mode: Annotated[ValidateMode, typer.Option("--mode", help="train: records must end on the gpt answer; infer: may end on a human turn; auto: infer if most records do.")] = ValidateMode.auto,
-    full_decode: Annotated[bool, typer.Option("--full-decode", help="Decode every volume in full (default: headers, plus full decode of float data for NaN / Inf).")] = False,
-    no_files: Annotated[bool, typer.Option("--no-files", help="Check the records only, not the files they name.")] = False,
+    strict_paths: Annotated[
+        bool,
+        typer.Option("--strict-paths", help="Flag absolute paths and paths that climb out of their root with `..`."),
+    ] = False,
+    workers: Annotated[
+        Optional[int],
+        typer.Option("--workers", min=1, help="Threads checking files (default: CPU count + 2, at most 8)."),
+    ] = None,
+    mode: Annotated[
+        ValidateMode,
+        typer.Option("--mode", help="train: records must end on the gpt answer; infer: may end on a human turn; auto: infer if most records do."),
+    ] = ValidateMode.auto,
+    full_decode: Annotated[
+        bool,
+        typer.Option("--full-decode", help="Decode every volume in full (default: headers, plus full decode of float data for NaN / Inf)."),
+    ] = False,
+    no_files: Annotated[
+        bool,
+        typer.Option("--no-files", help="Check the records only, not the files they name."),
+    ] = False,
     show: Annotated[int, typer.Option("--show", min=0, help="Records listed in detail in the summary.")] = 20,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
 ) -> None:
     """Check every record and every file it names; list every problem. Exit 1 if there is any.
 
-    Checks: schema, turn order, answers (training files), <image> / <image3d> counts, duplicate ids,
-    files that are missing, do not decode, have the wrong dimensionality or hold NaN / Inf, and
-    with --strict-paths absolute or escaping paths. The input file is only read.
+    Records: schema, turn order, answers (training files), <image> / <image3d> counts, duplicate ids.
 
-    Example: medmvl data validate data/train_3d.json --volume-root data/ct --json
+    Files: missing, not decoding, wrong dimensionality, NaN / Inf; with --strict-paths, absolute or escaping paths.
+
+    The input file is only read. Example: medmvl data validate data/train_3d.json --volume-root data/ct --json
     """
     from rich.console import Console
 
@@ -106,10 +133,10 @@ def _print_summary(report, console, show: int) -> None:
 
     from medmvl_cli.data.validate import PROBLEM_KINDS
 
-    kind_of_file = "inference" if report.mode == "infer" else "training"
+    kind_of_file = "an inference" if report.mode == "infer" else "a training"
     console.print(
         f"[bold]{escape(report.file)}[/bold]: {report.records} record(s), {report.format}, "
-        f"read as a {kind_of_file} file; {report.files_checked} file(s) checked"
+        f"read as {kind_of_file} file; {report.files_checked} file(s) checked"
     )
     for note in report.notes:
         console.print(f"[yellow]note:[/yellow] {escape(note)}")
@@ -157,21 +184,45 @@ def _print_lengths(lengths, console) -> None:
 
 @app.command("synth")
 def synth(
-    out_dir: Annotated[Path, typer.Argument(help="Folder to write into (created if needed).", show_default=False)],
-    kind: Annotated[SynthKind, typer.Option("--kind", help="2d films, 3d CT volumes, or both.")] = SynthKind.both,
-    n: Annotated[int, typer.Option("--n", min=2, help="Images (and volumes) per kind, train and test together.")] = 200,
+    out_dir: Annotated[
+        Path,
+        typer.Argument(help="Folder to write into (created if needed).", show_default=False),
+    ],
+    kind: Annotated[
+        SynthKind,
+        typer.Option("--kind", help="2d films, 3d CT volumes, or both."),
+    ] = SynthKind.both,
+    n: Annotated[
+        int,
+        typer.Option("--n", min=2, help="Images (and volumes) per kind, train and test together."),
+    ] = 200,
     seed: Annotated[int, typer.Option("--seed", min=0, help="Same seed, same bytes.")] = 0,
-    questions: Annotated[str, typer.Option("--questions", help="all | easy | a comma list of presence, quadrant (2D), side (3D), count, report.")] = "all",
-    image_size: Annotated[int, typer.Option("--image-size", min=16, help="2D film size in pixels (square).")] = 64,
-    volume_size: Annotated[tuple[int, int, int], typer.Option("--volume-size", help="3D volume size D H W in voxels.")] = (32, 64, 64),
-    test_fraction: Annotated[float, typer.Option("--test-fraction", help="Share of cases in the test files.")] = 0.2,
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace annotation files and media folders already there.")] = False,
+    questions: Annotated[
+        str,
+        typer.Option("--questions", help="all | easy | a comma list of presence, quadrant (2D), side (3D), count, report."),
+    ] = "all",
+    image_size: Annotated[
+        int,
+        typer.Option("--image-size", min=16, help="2D film size in pixels (square)."),
+    ] = 64,
+    volume_size: Annotated[
+        tuple[int, int, int],
+        typer.Option("--volume-size", help="3D volume size D H W in voxels."),
+    ] = (32, 64, 64),
+    test_fraction: Annotated[
+        float,
+        typer.Option("--test-fraction", help="Share of cases in the test files."),
+    ] = 0.2,
+    overwrite: Annotated[
+        bool,
+        typer.Option("--overwrite", help="Replace annotation files and media folders already there."),
+    ] = False,
 ) -> None:
     """Write a small synthetic dataset whose answers can only be read off the image.
 
-    2D: grayscale PNG chest films; 3D: NIfTI CT volumes in HU. Files: train_2d.json, test_2d.json,
-    train_3d.json, test_3d.json (MedM-VL format; test records end on the question and carry
-    `answer`), images/ and volumes/. Easy questions for quick runs: 2D quadrant, 3D side.
+    2D: grayscale PNG chest films; 3D: NIfTI CT volumes in HU, with train_2d / test_2d / train_3d / test_3d.json.
+
+    Easy questions for quick training runs: 2D quadrant, 3D side (--questions easy). See docs/data.md.
 
     Example: medmvl data synth data/synth --kind both --n 240 --questions easy
     """
@@ -194,3 +245,45 @@ def synth(
     for dim, kinds in result.questions.items():
         console.print(f"{dim}: questions {', '.join(kinds)} (easy: {EASY[dim]}); "
                       f"{'image_root' if dim == '2d' else 'volume_root'} = {result.out_dir}")
+
+
+@app.command("cache")
+def cache(
+    recipe: Annotated[Path, typer.Argument(help="Recipe whose data.train / data.eval volumes to preprocess.", show_default=False)],
+    overrides: Annotated[Optional[list[str]], typer.Argument(help="Dotted KEY=VALUE recipe overrides.", show_default=False)] = None,
+    workers: Annotated[int, typer.Option("--workers", min=0, help="Parallel jobs (0 = one in this process).")] = 2,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+) -> None:
+    """Preprocess every volume of a recipe's data into data.cache_dir, so training reads tensors, not CTs.
+
+    Example: medmvl data cache recipes/medmvl-ct/finetune.yaml --workers 8
+    """
+    from rich.console import Console
+
+    from medmvl_cli.config.loader import load_recipe
+    from medmvl_cli.data.annotations import default_root, read_records, resolve_media_path
+    from medmvl_cli.data.volume_cache import VolumeCache
+    from medmvl_cli.errors import RecipeError
+
+    resolved = load_recipe(recipe, overrides or [])
+    if resolved.data.cache_dir is None or resolved.model.image3d is None:
+        raise RecipeError(f"{recipe}: nothing to cache",
+                          hint="the recipe needs model.image3d and data.cache_dir (e.g. data.cache_dir=cache)")
+    paths = []
+    for spec in [*resolved.data.train, *resolved.data.eval]:
+        root = default_root(spec.annotations, spec.volume_root)
+        for record in read_records(spec.annotations):
+            paths.extend(resolve_media_path(p, root) for p in record.volumes)
+    console = Console(stderr=True)
+    with _progress(console, not quiet) as update:
+        report = VolumeCache(resolved.data.cache_dir).fill(
+            paths, resolved.model.image3d.volume, workers=workers,
+            progress=(lambda done, total, _path: update(done, total)) if update else None,
+            executor="process" if workers > 1 else "thread",
+        )
+    console.print(f"{report.built} built, {report.cached} already cached, {len(report.failed)} failed "
+                  f"-> {resolved.data.cache_dir}")
+    for path, message in report.failed[:20]:
+        console.print(f"  [red]failed[/red] {path}: {message}")
+    if report.failed:
+        raise typer.Exit(1)

@@ -131,6 +131,9 @@ class MlpConnector(Section):
     type: Literal["mlp"] = Field(description="Connector backend.")
     depth: int = Field(2, gt=0, description="Number of Linear layers.")
     activation: Activation = Field("gelu", description="Activation between the Linear layers.")
+    slice_mean: bool = Field(
+        False, description="Run on each slice's tokens and average over slices (MedM-VL CT-Chest; `slices` encoder only)."
+    )
 
 
 class SpatialPoolingConnector(Section):
@@ -154,6 +157,9 @@ class AttentionPoolingConnector(Section):
     heads: int = Field(8, gt=0, description="Attention heads (must divide the encoder width).")
     depth: int = Field(2, gt=0, description="Number of Linear layers after attention.")
     activation: Activation = Field("gelu", description="Activation between the Linear layers.")
+    slice_mean: bool = Field(
+        False, description="Run on each slice's tokens and average over slices (MedM-VL CT-Chest; `slices` encoder only)."
+    )
 
 
 Connector = Annotated[
@@ -179,7 +185,9 @@ class VolumeConfig(Section):
     spacing: Optional[tuple[float, float, float]] = Field(
         None, description="Resample to this voxel spacing in mm (D, H, W); null keeps the voxel grid."
     )
-    orientation: str = Field("RAS", description="Axis codes the volume is reoriented to before resizing.")
+    orientation: str = Field(
+        "LPS", description="Axis codes of the W, H, D axes after reorienting; LPS = a radiologist's view (docs/volumes.md)."
+    )
     crop_foreground: bool = Field(True, description="Crop to the body (voxels above the window's low end).")
     augment: VolumeAugmentConfig = Field(
         default_factory=VolumeAugmentConfig, description="Train-time random augmentations."

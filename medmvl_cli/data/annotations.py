@@ -21,7 +21,7 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Literal, Optional, Union
+from typing import Any, Iterator, Literal, NamedTuple, Optional, Union
 
 from medmvl_cli.errors import DataError
 
@@ -78,8 +78,7 @@ def record_error(source: Source, record_id: Optional[str], issues: list[Issue], 
 
 
 # ---------------------------------------------------------------------------------------- records
-@dataclass(frozen=True, slots=True)
-class Turn:
+class Turn(NamedTuple):
     """One conversation turn: the role as written (`human`, `gpt`, ...) and its text."""
 
     speaker: str
@@ -236,7 +235,7 @@ class AnnotationFile:
                 source = Source(name, index, lineno)
                 index += 1
                 try:
-                    yield RawRecord(json.loads(stripped), source)
+                    yield RawRecord(json.loads(stripped.decode("utf-8")), source)
                 except (json.JSONDecodeError, UnicodeDecodeError) as err:
                     yield RawRecord(None, source, error=f"line {lineno} is not valid JSON ({getattr(err, 'msg', err)})")
         self._offsets = offsets
@@ -315,7 +314,7 @@ class AnnotationFile:
         if index == 0 and raw.startswith(b"\xef\xbb\xbf"):
             raw = raw[3:]
         try:
-            return RawRecord(json.loads(raw), source)
+            return RawRecord(json.loads(raw.decode("utf-8")), source)
         except (json.JSONDecodeError, UnicodeDecodeError) as err:
             return RawRecord(None, source, error=f"line {line} is not valid JSON ({getattr(err, 'msg', err)})")
 
@@ -366,6 +365,11 @@ def _turns(data: dict, issues: list[Issue]) -> tuple[Turn, ...]:
         return ()
     turns = []
     for i, turn in enumerate(convs):
+        if type(turn) is dict:  # the common case, checked cheaply: 100k-record files are usual
+            speaker, value = turn.get("from"), turn.get("value")
+            if type(value) is str and speaker in ROLES:
+                turns.append(Turn(speaker, value))
+                continue
         if not isinstance(turn, dict):
             issues.append(Issue("schema", f"turn {i} must be an object with `from` and `value` (got {_short(turn)})"))
             continue
@@ -425,9 +429,10 @@ def conversation_problems(record: Record, *, require_answer: bool = True) -> lis
     """
     issues: list[Issue] = []
     turns = record.conversations
-    expected = "user"
+    expected, answered = "user", False
     for i, turn in enumerate(turns):
-        role = turn.role
+        role = ROLES[turn.speaker]
+        answered = answered or role == "assistant"
         if role == "system":
             if i != 0:
                 issues.append(Issue("alternation", f"turn {i}: a system turn may only come first"))
@@ -442,12 +447,13 @@ def conversation_problems(record: Record, *, require_answer: bool = True) -> lis
         if role == "assistant" and (IMAGE_PLACEHOLDER in turn.value or VOLUME_PLACEHOLDER in turn.value):
             issues.append(Issue("placeholder", f"turn {i} ({turn.speaker}) holds an image placeholder; only human turns may"))
         expected = "assistant" if role == "user" else "user"
-    if require_answer and not any(t.role == "assistant" for t in turns):
+    if require_answer and not answered:
         issues.append(Issue("unanswered", "no gpt turn: a training record needs the answer"))
     elif require_answer and turns and turns[-1].role == "user":
         issues.append(Issue("unanswered", "the last turn is human's: a training record ends on the gpt answer"))
+    text = "\n".join(t.value for t in turns)
     for token, paths, key in ((IMAGE_PLACEHOLDER, record.images, "image"), (VOLUME_PLACEHOLDER, record.volumes, "image3d")):
-        count = sum(t.value.count(token) for t in turns)
+        count = text.count(token)
         if count != len(paths):
             issues.append(Issue(
                 "placeholder",

@@ -60,7 +60,8 @@ class LVLMDataset(torch.utils.data.Dataset):
         items: list[Item] = []
         for index, source in enumerate(sources):
             records = read_records(source.annotations, require_answer=require_answer)
-            encoded, report = encode_records(records, tokenizer, template, placeholder_lengths, max_length, truncate_answers)
+            encoded, report = encode_records(records, tokenizer, template, placeholder_lengths, max_length,
+                                             truncate_answers, complete_with_answer=not require_answer)
             report.log(Path(source.annotations).name)
             image_root = default_root(source.annotations, source.image_root)
             volume_root = default_root(source.annotations, source.volume_root)

@@ -81,13 +81,20 @@ def encode_records(
     placeholder_lengths: dict[str, int],
     max_length: int,
     truncate_answers: bool = False,
+    complete_with_answer: bool = False,
 ) -> tuple[list[EncodedRecord], EncodingReport]:
-    """Encode training records; every drop and cut is in the report (and nothing is lost silently)."""
+    """Encode training records; every drop and cut is in the report (and nothing is lost silently).
+
+    `complete_with_answer`: a record ending on the human turn gets its `answer` as the reply
+    (evaluation files are inference files with references)."""
     placeholder_ids = [tokenizer.convert_tokens_to_ids(p) for p in (IMAGE_PLACEHOLDER, VOLUME_PLACEHOLDER)]
     report = EncodingReport()
     out: list[EncodedRecord] = []
     for record in records:
-        encoded = template.encode(tokenizer, record.messages(), placeholder_lengths)
+        messages = record.messages()
+        if complete_with_answer and record.ends_on_user and record.answer:
+            messages.append({"role": "assistant", "content": record.answer})
+        encoded = template.encode(tokenizer, messages, placeholder_lengths)
         report.lengths.append(len(encoded.input_ids))
         fitted, reason = fit_to_length(encoded, max_length, placeholder_ids, truncate_answers)
         if fitted is None:

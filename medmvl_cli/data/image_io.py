@@ -17,19 +17,20 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from medmvl_cli.data.volume_io import is_volume_path
 from medmvl_cli.errors import DataError
 
 logger = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".dcm", ".dicom")
 _DICOM_SUFFIXES = (".dcm", ".dicom")
+# volume_io.VOLUME_SUFFIXES, repeated so that reading 2D images never imports torch / MONAI.
+_VOLUME_SUFFIXES = (".npy", ".nii", ".nii.gz", ".nrrd", ".mha", ".mhd")
 _VOLUME_HINT = "List volumes under `image3d` (and `<image3d>` in the conversation), not `image`."
 
 Window = tuple[float, float]
 
 
-def load_image(source: str | Path | np.ndarray | Image.Image, window: Window | None = None) -> Image.Image:
+def read_image(source: str | Path | np.ndarray | Image.Image, window: Window | None = None) -> Image.Image:
     """An RGB ``PIL.Image`` from a file path, a 2-D / H×W×3 array or a PIL image.
 
     ``window=(low, high)`` maps that value range (in rescaled units, e.g. HU) to black..white
@@ -48,11 +49,14 @@ def load_image(source: str | Path | np.ndarray | Image.Image, window: Window | N
     if not path.is_file():
         raise DataError(f"{path}: no such image file.",
                         hint="Check `image_root` and the `image` paths of the annotation file.")
-    if is_volume_path(path):
+    if path.name.lower().endswith(_VOLUME_SUFFIXES):
         raise DataError(f"{path}: is a 3D volume format, not a 2D image.", hint=_VOLUME_HINT)
     if path.suffix.lower() in _DICOM_SUFFIXES or (path.suffix.lower() not in IMAGE_SUFFIXES and _is_dicom(path)):
         return _read_dicom(path, window)
     return _read_pil(path, window)
+
+
+load_image = read_image  # the same function under the name HF's image utilities use
 
 
 def _is_dicom(path: Path) -> bool:
@@ -178,11 +182,11 @@ def to_pixel_values(images: Sequence[Image.Image | str | Path], processor: Any):
     """Pixel values (N, 3, H, W) float32 from an HF image processor (``CLIPImageProcessor``,
     ``SiglipImageProcessor`` and their PIL back-ends work without torchvision).
 
-    Paths are read with ``load_image`` first.
+    Paths are read with ``read_image`` first.
     """
     import torch
 
-    pil = [img if isinstance(img, Image.Image) else load_image(img) for img in images]
+    pil = [img if isinstance(img, Image.Image) else read_image(img) for img in images]
     if not pil:
         raise ValueError("to_pixel_values needs at least one image")
     out = processor(images=pil, return_tensors="pt")["pixel_values"]

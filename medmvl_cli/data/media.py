@@ -47,20 +47,17 @@ class MediaLoader:
         """(N, 1, D, H, W) in [0, 1], or None for no volumes."""
         if not paths:
             return None
-        from medmvl_cli.data.volume_transforms import load_volume
+        from medmvl_cli.data.volume_transforms import augment_volume, load_volume
         from medmvl_cli.errors import DataError
 
         if self.volume_config is None:
             raise DataError(f"{paths[0]}: the model has no 3D branch to read volumes with",
                             hint="use a model with `model.image3d`, or drop the volume from the record")
-        if self._cache is not None and not (self.train and _augments(self.volume_config)):
-            tensors = [self._cache.load(path, self.volume_config) for path in paths]
-        else:
+        if self._cache is None:
             tensors = [load_volume(path, self.volume_config, train=self.train) for path in paths]
+        else:
+            # The cache holds eval-mode tensors; train-time augmentations are applied on top.
+            tensors = [self._cache.load(path, self.volume_config).float() for path in paths]
+            if self.train:
+                tensors = [augment_volume(t, self.volume_config) for t in tensors]
         return torch.stack([t.float() for t in tensors])
-
-
-def _augments(volume_config) -> bool:
-    augment = volume_config.augment
-    return any(getattr(augment, name) > 0 for name in
-               ("flip_prob", "rotate90_prob", "intensity_scale_prob", "intensity_shift_prob"))

@@ -164,42 +164,36 @@ def _adds_bos(tokenizer) -> bool:
     return bool(ids) and ids[0] == bos
 
 
-_warned_segmenting: set[str] = set()
+_checked_segmenting: set[str] = set()
 
 
 def _warn_if_segmenting_changes_ids(tokenizer) -> None:
     """SentencePiece-style tokenizers (Metaspace / Prepend) mark the start of every string they
     encode, so a segment encoded alone can start with an extra "▁" that the whole rendered string
     would not have. Masks stay exact; only agreement with apply_chat_template may be lost."""
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    key = getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__
-    if backend is None or key in _warned_segmenting:
+    key = f"{type(tokenizer).__name__}:{getattr(tokenizer, 'name_or_path', '')}"
+    if key in _checked_segmenting:
         return
-    parts = f"{backend.normalizer!r} {backend.pre_tokenizer!r}"
+    _checked_segmenting.add(key)
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    parts = f"{backend.normalizer!r} {backend.pre_tokenizer!r}" if backend is not None else ""
     if "Metaspace" in parts or "Prepend" in parts:
-        _warned_segmenting.add(key)
         logger.warning(
             "tokenizer %s is SentencePiece-style: each answer is tokenised on its own, so its first "
             "token may differ from what apply_chat_template gives (labels stay exact)", key,
         )
 
 
-def _encode_text(tokenizer, text: str, placeholder_lengths: dict[str, int]) -> list[int]:
-    ids: list[int] = []
-    for chunk in _PLACEHOLDER_RE.split(text):
-        if chunk in PLACEHOLDERS:
-            if chunk not in placeholder_lengths:
-                raise DataError(
-                    f"the conversation uses {chunk} but the model has no {chunk} input",
-                    hint=f"use a model with a {'3D' if chunk == IMAGE3D_TOKEN else '2D'} branch, or remove {chunk} from the record",
-                )
-            n = placeholder_lengths[chunk]
-            if not isinstance(n, int) or n < 1:
-                raise ValueError(f"placeholder_lengths[{chunk!r}] must be a positive int, got {n!r}")
-            ids.extend([_token_id(tokenizer, chunk, "image placeholder")] * n)
-        elif chunk:
-            ids.extend(tokenizer.encode(chunk, add_special_tokens=False))
-    return ids
+def _placeholder_ids(tokenizer, chunk: str, placeholder_lengths: dict[str, int]) -> list[int]:
+    if chunk not in placeholder_lengths:
+        raise DataError(
+            f"the conversation uses {chunk} but the model has no {chunk} input",
+            hint=f"use a model with a {'3D' if chunk == IMAGE3D_TOKEN else '2D'} branch, or remove {chunk} from the record",
+        )
+    n = placeholder_lengths[chunk]
+    if not isinstance(n, int) or n < 1:
+        raise ValueError(f"placeholder_lengths[{chunk!r}] must be a positive int, got {n!r}")
+    return [_token_id(tokenizer, chunk, "image placeholder")] * n
 
 
 def _encode_segments(tokenizer, prefix_ids: list[int], segments: list[tuple[str, bool]],
@@ -215,10 +209,17 @@ def _encode_segments(tokenizer, prefix_ids: list[int], segments: list[tuple[str,
             merged[-1][0] += text
         else:
             merged.append([text, trained])
+    # Cut each segment at its placeholders; every text chunk is encoded on its own (as HF does
+    # around added tokens), all of them in one batch call.
+    chunks: list[tuple[str, bool]] = []
+    for text, trained in merged:
+        chunks.extend((c, trained) for c in _PLACEHOLDER_RE.split(text) if c)
+    texts = [c for c, _ in chunks if c not in PLACEHOLDERS]
+    encoded = iter(tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else [])
     input_ids = list(prefix_ids)
     labels = [IGNORE_INDEX] * len(prefix_ids)
-    for text, trained in merged:
-        ids = _encode_text(tokenizer, text, placeholder_lengths)
+    for chunk, trained in chunks:
+        ids = _placeholder_ids(tokenizer, chunk, placeholder_lengths) if chunk in PLACEHOLDERS else next(encoded)
         input_ids.extend(ids)
         labels.extend(ids if trained else [IGNORE_INDEX] * len(ids))
     return Encoded(input_ids=input_ids, labels=labels)
@@ -251,6 +252,7 @@ class ChatTemplate:
         With ``add_generation_prompt`` the ids end with the assistant prefix (inference); the
         conversation must then end on a user turn.
         """
+        placeholder_lengths = placeholder_lengths or {}
         _check_messages(messages, add_generation_prompt)
         for token in self.required_tokens:
             _token_id(tokenizer, token, f"template {self.name!r} needs it")
@@ -262,7 +264,7 @@ class ChatTemplate:
         """The exact text trained for one assistant reply (reply plus its end-of-turn token)."""
         raise NotImplementedError
 
-    def jinja(self, tokenizer=None) -> Optional[str]:
+    def jinja(self, tokenizer=None) -> str:
         """The Jinja chat template that renders the same text (for HF folders). ``tokenizer``
         decides the bos of ``auto`` templates (none when omitted)."""
         raise NotImplementedError
@@ -293,7 +295,7 @@ class ChatTemplate:
         return [tokenizer.bos_token_id]
 
     def _jinja_bos(self, tokenizer) -> str:
-        return "{{- bos_token }}\n" if self.bos == "auto" and tokenizer is not None and _adds_bos(tokenizer) else ""
+        return "{{- bos_token }}" if self.bos == "auto" and tokenizer is not None and _adds_bos(tokenizer) else ""
 
     def __repr__(self) -> str:
         return f"<ChatTemplate {self.name}>"

@@ -58,6 +58,8 @@ PROBLEM_KINDS: dict[str, str] = {
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".dcm", ".dicom")
 VOLUME_SUFFIXES = (".npy", ".nii", ".nii.gz", ".nrrd", ".mha", ".mhd")
 _CHUNK = 1 << 24  # elements per finiteness check, so huge float volumes stream through memory
+_AS_IMAGE = "a volume given as an image (list it under `image3d`)"
+_AS_VOLUME = "a 2-D image given as a volume (list it under `image`)"
 
 
 # ---------------------------------------------------------------------------------------- results
@@ -166,11 +168,11 @@ def _shape_issue(shape: tuple[int, ...], fmt: str) -> Optional[str]:
     while len(dims) > 3 and dims[-1] == 1:
         dims = dims[:-1]
     if len(dims) < 3:
-        return f"shape {shape} is {len(dims)}-D: a 2-D image given as a volume (list it under `image`)"
+        return f"shape {shape} is {len(dims)}-D: {_AS_VOLUME}"
     if len(dims) > 3:
         return f"shape {shape} is {len(dims)}-D: a volume is one 3-D scan (D, H, W)"
     if min(dims) < 2:
-        return f"shape {shape} is a single slice: a 2-D image given as a volume (list it under `image`)"
+        return f"shape {shape} is a single slice: {_AS_VOLUME}"
     return None
 
 
@@ -255,11 +257,12 @@ def check_volume_file(path: Path, *, full_decode: bool = False) -> list[Issue]:
             frames = _dicom_frames(path)
             if frames > 1:
                 return [Issue("unreadable", f"{path} is a multi-frame DICOM file ({frames} frames); convert it to NIfTI")]
-            return [Issue("dimensionality", f"{path} is a single DICOM slice: a 2-D image given as a volume (list it under `image`, or give the series folder)")]
+            return [Issue("dimensionality", f"{path} is a single DICOM slice: {_AS_VOLUME}, or give the series folder")]
         elif suffix in IMAGE_SUFFIXES or _is_image(path):
-            return [Issue("dimensionality", f"{path} is a 2-D image file given as a volume (list it under `image`)")]
+            return [Issue("dimensionality", f"{path} is an image file: {_AS_VOLUME}")]
         else:
-            return [Issue("unreadable", f"{path}: {suffix or 'no suffix'} is not a volume format (.npy, .nii(.gz), .nrrd, .mha/.mhd or a DICOM folder)")]
+            formats = ".npy, .nii(.gz), .nrrd, .mha / .mhd or a DICOM series folder"
+            return [Issue("unreadable", f"{path}: {suffix or 'no suffix'} is not a volume format ({formats})")]
         if full_decode:
             from medmvl_cli.data.volume_io import read_volume
 
@@ -281,45 +284,38 @@ def _is_image(path: Path) -> bool:
         return False
 
 
-def _decode_image(path: Path) -> None:
-    # PIL / pydicom directly: image_io pulls in torch and MONAI, seconds of import for a check.
-    if _is_dicom(path):
-        import pydicom
-
-        pydicom.dcmread(str(path)).pixel_array
-        return
-    from PIL import Image
-
-    with Image.open(path) as img:
-        img.load()
-
-
 def check_image_file(path: Path) -> list[Issue]:
-    """Problems of one `image` file (existence, a volume in disguise, multi-frame, decoding)."""
+    """Problems of one `image` file (existence, a volume in disguise, multi-frame, decoding).
+
+    Decodes with PIL / pydicom directly: image_io pulls in torch and MONAI, seconds of import.
+    """
     if not path.exists():
         return [Issue("missing_file", f"image not found: {path}")]
     try:
         if path.is_dir():
-            return [Issue("dimensionality", f"{path} is a folder (a DICOM series?): a volume given as an image (list it under `image3d`)")]
+            return [Issue("dimensionality", f"{path} is a folder (a DICOM series?): {_AS_IMAGE}")]
         suffix = _suffix(path)
         if suffix in VOLUME_SUFFIXES:
-            header = _volume_header(path)
-            dims = [d for d in header.shape if d > 1]
-            if len(dims) >= 3:
-                return [Issue("dimensionality", f"{path} holds a volume of shape {tuple(header.shape)}: a volume given as an image (list it under `image3d`)")]
+            shape = tuple(_volume_header(path).shape)
+            if len([d for d in shape if d > 1]) >= 3:
+                return [Issue("dimensionality", f"{path} holds an array of shape {shape}: {_AS_IMAGE}")]
             return [Issue("unreadable", f"{path}: {suffix} is not an image format (use PNG, JPEG, BMP, TIFF or DICOM)")]
         if _is_dicom(path):
-            frames = _dicom_frames(path)
-            if frames > 1:
-                return [Issue("dimensionality", f"{path} is a multi-frame DICOM ({frames} frames): a volume given as an image")]
-        else:
-            from PIL import Image
+            import pydicom
 
-            with Image.open(path) as img:
-                frames = getattr(img, "n_frames", 1)
+            ds = pydicom.dcmread(str(path))
+            frames = int(ds.get("NumberOfFrames", 1) or 1)
             if frames > 1:
-                return [Issue("dimensionality", f"{path} has {frames} frames: a volume given as an image (list it under `image3d`)")]
-        _decode_image(path)
+                return [Issue("dimensionality", f"{path} is a multi-frame DICOM ({frames} frames): {_AS_IMAGE}")]
+            ds.pixel_array
+            return []
+        from PIL import Image
+
+        with Image.open(path) as img:
+            frames = getattr(img, "n_frames", 1)
+            if frames > 1:
+                return [Issue("dimensionality", f"{path} has {frames} frames: {_AS_IMAGE}")]
+            img.load()
     except MedmvlError as err:
         return [Issue("unreadable", f"{path}: {err.message}")]
     except Exception as err:
@@ -477,7 +473,9 @@ def validate_annotations(
             if record is not None:
                 parsed += 1
                 ends_on_user += record.ends_on_user
-                conv = conversation_problems(record, require_answer=True)
+                # Turns dropped for a bad role or type would make every later check misfire.
+                complete = len(record.conversations) == len(raw.data.get("conversations") or ())
+                conv = conversation_problems(record, require_answer=True) if complete else []
                 late = [i for i in conv if i.kind == "unanswered"]
                 if late:
                     unanswered.append((src.index, rid, src.line, late))
@@ -500,7 +498,9 @@ def validate_annotations(
                                 check = check_image_file if kind == "image" else check_volume_file
                                 args = {} if kind == "image" else {"full_decode": full_decode}
                                 futures[key] = pool.submit(check, Path(key[1]), **args)
-                            refs.setdefault(key, []).append(src.index)
+                            users = refs.setdefault(key, [])
+                            if not users or users[-1] != src.index:  # a file named twice is checked once
+                                users.append(src.index)
                             meta[src.index] = (rid, src.line)
                 if probe is not None and not issues:
                     length_issue = probe.measure(record)

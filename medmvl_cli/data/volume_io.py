@@ -283,19 +283,16 @@ def _series_slices(folder: Path) -> list:
         logger.debug("%s: skipped %d files that are not DICOM: %s", folder, len(skipped), skipped[:5])
     if not images:
         subdirs = sorted(p.name for p in folder.iterdir() if p.is_dir())
+        where = f" (it has sub-folders: {', '.join(subdirs[:5])})." if subdirs else "."
         raise DataError(
-            f"{folder}: holds no DICOM images" + (f" (it has sub-folders: {', '.join(subdirs[:5])})." if subdirs else "."),
+            f"{folder}: holds no DICOM images{where}",
             hint="Point `image3d` at the folder that directly holds the .dcm files of one series.",
         )
     series: dict[str, list] = {}
     for file, ds in images:
         series.setdefault(str(ds.get("SeriesInstanceUID", "unknown")), []).append((file, ds))
     if len(series) > 1:
-        listing = "; ".join(
-            f"{uid} ({items[0][1].get('Modality', '?')}, {str(items[0][1].get('SeriesDescription', '')) or 'no description'!r}, "
-            f"{len(items)} files, e.g. {items[0][0].name})"
-            for uid, items in series.items()
-        )
+        listing = "; ".join(_describe_series(uid, items) for uid, items in series.items())
         raise DataError(
             f"{folder}: holds {len(series)} DICOM series, not one: {listing}.",
             hint="Move each series into its own folder and list the one you mean under `image3d`.",
@@ -314,6 +311,12 @@ def _series_slices(folder: Path) -> list:
             hint="List a single slice under `image`, or put the whole series in the folder.",
         )
     return only
+
+
+def _describe_series(uid: str, items: list) -> str:
+    file, ds = items[0]
+    description = str(ds.get("SeriesDescription", "")) or "no description"
+    return f"{uid} ({ds.get('Modality', '?')}, {description!r}, {len(items)} files, e.g. {file.name})"
 
 
 def _order_and_affine(folder: Path, slices: list) -> tuple[list, np.ndarray]:

@@ -110,9 +110,27 @@ class RunFolder:
                                hint=f"use --resume auto, or one of {self.checkpoints_dir}/step-N")
         self.root.mkdir(parents=True, exist_ok=True)
         (self.root / FINISHED).unlink(missing_ok=True)
+        if checkpoint is not None:
+            match = STEP_DIR.match(checkpoint.name)
+            self._trim_metrics(int(match.group(1)) if match else None)
         header = f"# medmvl {__version__}, git {git_revision()}\n"
         write_atomic(self.root / RECIPE, header + recipe_yaml)
         return checkpoint
+
+    def _trim_metrics(self, step: Optional[int]) -> None:
+        """Drop metric lines logged after the checkpoint a run resumes from (they are logged again)."""
+        if step is None or not self.metrics_file.is_file():
+            return
+        import json
+
+        kept = []
+        for line in self.metrics_file.read_text(encoding="utf-8").splitlines():
+            try:
+                if json.loads(line).get("step", 0) <= step:
+                    kept.append(line)
+            except ValueError:
+                continue  # a line torn by the crash
+        write_atomic(self.metrics_file, "".join(f"{line}\n" for line in kept))
 
     def mark_finished(self) -> None:
         write_atomic(self.root / FINISHED, f"medmvl {__version__}\n")

@@ -41,28 +41,19 @@ def deepspeed_config(recipe: Recipe) -> Optional[str]:
 
 def placeholder_lengths(model) -> dict[str, int]:
     """Tokens per `<image>` / `<image3d>`, derived from the model's encoders and connectors."""
-    lengths = {}
-    for branch, placeholder in (("image", "<image>"), ("image3d", "<image3d>")):
-        if model.has_branch(branch):
-            lengths[placeholder] = model.num_tokens(branch)
-    return lengths
+    return {placeholder: model.num_tokens(branch)
+            for branch, placeholder in (("image", "<image>"), ("image3d", "<image3d>"))
+            if getattr(model.config, branch) is not None}
 
 
 def build_training_model(recipe: Recipe):
-    """The model (fresh, or from `init_from`), its tokenizer and image processor, with trainable parts set."""
-    from medmvl_cli.model.builder import build_model, load_model
+    """The model (fresh, or from `init_from`), its tokenizer and image processor, with trainable parts set.
+
+    Weights are float32 master weights; bf16 / fp16 training runs them under autocast."""
+    from medmvl_cli.model.builder import build_model
     from medmvl_cli.model.trainable import apply_lora, apply_trainable
 
-    if recipe.init_from:
-        source = Path(recipe.init_from)
-        model_dir = source / "model" if (source / "model").is_dir() else source
-        if not (model_dir / "config.json").is_file():
-            raise RunError(f"init_from: {recipe.init_from} holds no model",
-                           hint="point init_from at a finished run folder (runs/NAME) or its model/ folder")
-        model, tokenizer, image_processor = load_model(model_dir, merge_lora=True)
-        logger.info("starting from the weights of %s", model_dir)
-    else:
-        model, tokenizer, image_processor = build_model(recipe, dtype="float32")
+    model, tokenizer, image_processor = build_model(recipe, dtype="float32")
     model.config.template = recipe.model.llm.template
     apply_trainable(model, recipe.trainable)
     if recipe.trainable.llm == "lora":
@@ -128,8 +119,8 @@ def training_arguments(recipe: Recipe, run, quiet: bool):
         warmup_steps=train.warmup_ratio,
         weight_decay=train.weight_decay,
         max_grad_norm=train.max_grad_norm,
-        gradient_checkpointing=train.gradient_checkpointing,
-        gradient_checkpointing_kwargs={"use_reentrant": False} if train.gradient_checkpointing else None,
+        activation_checkpointing=train.gradient_checkpointing,
+        activation_checkpointing_kwargs={"use_reentrant": False} if train.gradient_checkpointing else None,
         logging_steps=train.logging_steps,
         save_strategy="steps",
         save_steps=train.save_steps,
@@ -149,7 +140,9 @@ def training_arguments(recipe: Recipe, run, quiet: bool):
         disable_tqdm=True,
         logging_nan_inf_filter=False,
         use_cache=False,
-        ddp_find_unused_parameters=False,
+        # A fully trained vision tower has layers past `select_layer` that get no gradient (as in LLaVA).
+        ddp_find_unused_parameters=any(
+            getattr(recipe.trainable, f"{branch}_encoder") == "full" for branch in ("image", "image3d")),
     )
 
 
@@ -157,6 +150,7 @@ def train_stage(recipe: Recipe, *, resume: Optional[str] = None, overwrite: bool
                 quiet: bool = False) -> Path:
     """Train one stage of a resolved recipe into its run folder; returns the folder."""
     import transformers
+    from transformers.trainer_callback import PrinterCallback
 
     from medmvl_cli.config.loader import dump_recipe
     from medmvl_cli.data.collator import LVLMCollator
@@ -185,6 +179,7 @@ def train_stage(recipe: Recipe, *, resume: Optional[str] = None, overwrite: bool
         group_by_length=recipe.data.group_by_length, keep_checkpoints=recipe.train.save_total_limit,
         param_lrs=component_learning_rates(model, recipe),
     )
+    trainer.remove_callback(PrinterCallback)  # logs go to metrics.jsonl and the progress bar
     if checkpoint is not None:
         logger.info("resuming from %s", checkpoint)
     try:

@@ -27,27 +27,17 @@ class GenerationSettings:
     top_p: float = 1.0
     num_beams: int = 1
 
-    def kwargs(self, tokenizer) -> dict:
+    def kwargs(self, pad_token_id: int, stop_token_ids: list[int]) -> dict:
         sampling = self.temperature > 0
         out = {
             "max_new_tokens": self.max_new_tokens, "num_beams": self.num_beams, "do_sample": sampling,
-            "pad_token_id": tokenizer.pad_token_id, "eos_token_id": _stop_ids(tokenizer),
+            "pad_token_id": pad_token_id, "eos_token_id": stop_token_ids,
         }
         if sampling:
             out.update(temperature=self.temperature, top_p=self.top_p)
         else:
             out.update(temperature=None, top_p=None, top_k=None)
         return out
-
-
-def _stop_ids(tokenizer) -> list[int]:
-    """Every end-of-turn id the tokenizer knows (eos plus the chat end markers it carries)."""
-    ids = {tokenizer.eos_token_id}
-    for token in ("<|im_end|>", "<|eot_id|>", "<|end|>", "<|endoftext|>", "<|end_of_text|>"):
-        token_id = tokenizer.convert_tokens_to_ids(token)
-        if isinstance(token_id, int) and token_id != tokenizer.unk_token_id and token_id >= 0:
-            ids.add(token_id)
-    return sorted(i for i in ids if i is not None)
 
 
 @dataclass
@@ -88,8 +78,10 @@ class Predictor:
     def __init__(self, model_dir: Path, feature_cache_size: int = 64):
         import torch
 
+        from medmvl_cli.config.schema import VolumeConfig
         from medmvl_cli.data.media import MediaLoader
         from medmvl_cli.data.templates import get_template
+        from medmvl_cli.engine.stages import placeholder_lengths
         from medmvl_cli.model.builder import load_model
 
         self.model_dir = Path(model_dir)
@@ -97,15 +89,14 @@ class Predictor:
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.model.to(self.device).eval()
         self.template = get_template(self.model.config.template)
+        config = self.model.config
         self.media = MediaLoader(
-            image_processor=image_processor, image_window=self.model.image_window(),
-            volume_config=self.model.volume_config(), train=False,
+            image_processor=image_processor,
+            image_window=config.image.get("window") if config.image else None,
+            volume_config=VolumeConfig.model_validate(config.image3d["volume"]) if config.image3d else None,
+            train=False,
         )
-        self.placeholder_lengths = {
-            placeholder: self.model.num_tokens(branch)
-            for branch, placeholder in (("image", "<image>"), ("image3d", "<image3d>"))
-            if self.model.has_branch(branch)
-        }
+        self.placeholder_lengths = placeholder_lengths(self.model)
         self._volume_features: OrderedDict = OrderedDict()
         self._cache_size = feature_cache_size
         self.cache_hits = 0
@@ -163,7 +154,8 @@ class Predictor:
         with torch.no_grad():
             output = self.model.generate(
                 input_ids=input_ids.to(self.device), attention_mask=attention_mask.to(self.device),
-                streamer=streamer, **extra, **settings.kwargs(self.tokenizer),
+                streamer=streamer, **extra,
+                **settings.kwargs(self.tokenizer.pad_token_id, self.template.stop_token_ids(self.tokenizer)),
             )
         return [self.tokenizer.decode(row, skip_special_tokens=True).strip() for row in output]
 

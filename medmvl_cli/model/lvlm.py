@@ -121,6 +121,25 @@ class MedmvlForConditionalGeneration(MedmvlPreTrainedModel):
                 parts[name] = module
         return parts
 
+    def has_branch(self, branch: str) -> bool:
+        """Whether the model has the `image` (2D) or `image3d` (3D) branch."""
+        if branch not in BRANCHES:
+            raise ModelError(f"unknown branch {branch!r}", hint="use image or image3d")
+        return getattr(self, f"{branch}_encoder") is not None
+
+    def image_window(self) -> Optional[tuple[float, float]]:
+        """The DICOM window of the 2D branch (None: the file's own, or no 2D branch)."""
+        window = (self.config.image or {}).get("window")
+        return tuple(window) if window else None
+
+    def volume_config(self):
+        """The 3D branch's volume preprocessing as the recipe's `VolumeConfig` (None without it)."""
+        if self.config.image3d is None:
+            return None
+        from medmvl_cli.config.schema import VolumeConfig
+
+        return VolumeConfig.model_validate(self.config.image3d["volume"])
+
     def num_tokens(self, branch: str) -> int:
         """LLM tokens one image (`image`) or one volume (`image3d`) becomes: the number of
         placeholder ids the data side writes for each `<image>` / `<image3d>`."""
@@ -230,9 +249,12 @@ class MedmvlForConditionalGeneration(MedmvlPreTrainedModel):
             raise ModelError("images or volumes given without input_ids", hint="pass input_ids holding the placeholders")
         elif inputs_embeds is None:
             raise ModelError("forward needs input_ids or inputs_embeds")
+        # No KV cache unless asked: forward serves training and scoring (generate has its own
+        # path), and with packed sequences (position_ids restarting at 0) a cache would let the
+        # samples attend to each other.
         return self.llm(
             inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids,
-            labels=labels, use_cache=use_cache, **kwargs,
+            labels=labels, use_cache=bool(use_cache), **kwargs,
         )
 
     @torch.no_grad()
@@ -246,29 +268,35 @@ class MedmvlForConditionalGeneration(MedmvlPreTrainedModel):
         volume_embeds: Optional[torch.Tensor] = None,
         **generation_kwargs,
     ) -> torch.LongTensor:
-        """Prompt ids (B, L), left-padded for batches -> (B, L + new) ids: the prompt, then the
-        generated tokens. Features are computed once; the LLM decodes with its KV cache (greedy,
-        sampling or beam search as `generation_kwargs` say)."""
+        """Prompt ids (B, L), left-padded for batches -> (B, new) generated ids (the prompt is not
+        repeated, as with any `generate(inputs_embeds=...)`). Features are computed once; the LLM
+        decodes with its KV cache (greedy, sampling or beam search as `generation_kwargs` say)."""
         inputs_embeds = self.embed_inputs(input_ids, pixel_values, volumes, image_embeds, volume_embeds)
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         generation_kwargs.setdefault("use_cache", True)
-        return self.llm.generate(
-            input_ids=input_ids, inputs_embeds=inputs_embeds, attention_mask=attention_mask, **generation_kwargs
-        )
+        return self.llm.generate(inputs_embeds=inputs_embeds, attention_mask=attention_mask, **generation_kwargs)
 
     # ------------------------------------------------------------------------------ save / load
-    def _state_dict_without_adapter(self) -> dict[str, torch.Tensor]:
+    @staticmethod
+    def _plain_key(key: str) -> Optional[str]:
+        """A state-dict key under the un-wrapped LLM's name; None for LoRA adapter tensors."""
+        if not key.startswith("llm."):
+            return key
+        inner = key[len("llm."):].removeprefix("base_model.model.")
+        if _LORA_KEY.search(inner):
+            return None
+        return "llm." + inner.replace(".base_layer.", ".")
+
+    def _state_dict_without_adapter(self, state: Optional[dict] = None) -> dict[str, torch.Tensor]:
         """The weights with the LoRA-wrapped LLM's base weights under their plain names."""
-        state = {}
-        for key, value in self.state_dict().items():
-            if key.startswith("llm."):
-                inner = key[len("llm."):].removeprefix("base_model.model.")
-                if _LORA_KEY.search(inner):
-                    continue
-                key = "llm." + inner.replace(".base_layer.", ".")
-            state[key] = value
-        return state
+        state = self.state_dict() if state is None else state
+        plain = {}
+        for key, value in state.items():
+            name = self._plain_key(key)
+            if name is not None:
+                plain[name] = value
+        return plain
 
     def save_pretrained(self, save_directory, *args, **kwargs):
         """config.json + safetensors (sharded by `max_shard_size`); a LoRA-wrapped LLM saves its
@@ -278,7 +306,7 @@ class MedmvlForConditionalGeneration(MedmvlPreTrainedModel):
             self.config.llm_adapter = None
             return super().save_pretrained(save_directory, *args, **kwargs)
         self.config.llm_adapter = ADAPTER_DIR
-        kwargs["state_dict"] = self._state_dict_without_adapter()
+        kwargs["state_dict"] = self._state_dict_without_adapter(kwargs.get("state_dict"))
         result = super().save_pretrained(save_directory, *args, **kwargs)
         self.llm.save_pretrained(str(save_directory / ADAPTER_DIR))
         return result
@@ -299,3 +327,46 @@ class MedmvlForConditionalGeneration(MedmvlPreTrainedModel):
                 )
             model.llm = PeftModel.from_pretrained(model.llm, str(folder), is_trainable=adapter_trainable)
         return model
+
+    def load_weights_from(self, folder) -> None:
+        """Load the weights of a folder `save_pretrained` wrote into this model, in place (e.g. to
+        resume a run). The architecture must match; a LoRA-wrapped LLM must be wrapped here too
+        (`apply_lora` first) and gets the folder's adapter. Missing or unexpected keys are errors."""
+        from safetensors.torch import load_file
+
+        folder = Path(folder)
+        index = folder / "model.safetensors.index.json"
+        if index.is_file():
+            import json
+
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        elif (folder / "model.safetensors").is_file():
+            shards = ["model.safetensors"]
+        else:
+            raise ModelError(f"{folder} holds no model.safetensors", hint="point at a folder written by save_model")
+        saved: dict[str, torch.Tensor] = {}
+        for shard in shards:
+            saved.update(load_file(str(folder / shard)))
+        own = {self._plain_key(k): k for k in self.state_dict()}
+        own.pop(None, None)
+        tied = set(getattr(self, "all_tied_weights_keys", {}) or {})
+        missing = sorted(set(own) - set(saved) - tied)
+        unexpected = sorted(set(saved) - set(own))
+        if missing or unexpected:
+            raise ModelError(
+                f"{folder}: the saved weights do not fit this model (missing: {missing[:5]}, unexpected: {unexpected[:5]})",
+                hint="build the model from the same recipe as the saved one",
+            )
+        self.load_state_dict({own[k]: v for k, v in saved.items()}, strict=False)
+        adapter = folder / ADAPTER_DIR
+        if is_peft_model(self.llm):
+            if not (adapter / "adapter_model.safetensors").is_file():
+                raise ModelError(f"{folder} has no LoRA adapter ({adapter.name}/) but this model's LLM is wrapped")
+            from peft.utils import set_peft_model_state_dict
+
+            result = set_peft_model_state_dict(self.llm, load_file(str(adapter / "adapter_model.safetensors")))
+            if result.unexpected_keys:
+                raise ModelError(f"{adapter}: adapter keys that fit no LoRA layer here: {result.unexpected_keys[:5]}")
+        elif (adapter / "adapter_config.json").is_file():
+            raise ModelError(f"{folder} holds a LoRA adapter but this model's LLM is not wrapped", hint="call apply_lora first")
+        self.tie_weights()

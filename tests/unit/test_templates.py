@@ -116,6 +116,7 @@ def test_registry_names_and_unknown_name():
     assert set(TEMPLATES) == {"qwen2", "llama3", "phi", "phi3", "plain",
                               "medmvl-qwen2", "medmvl-llama3", "medmvl-phi", "medmvl-phi3"}
     assert get_template("qwen2").name == "qwen2"
+    assert NATIVE_TEMPLATES == FAMILIES  # each preset tokenizer family has its native template
     with pytest.raises(DataError) as err:
         get_template("vicuna")
     assert "vicuna" in str(err.value) and "medmvl-phi3" in str(err.value)

@@ -273,6 +273,7 @@ def test_missing_path_and_unknown_suffix(tmp_path):
     assert volume_format(tmp_path) == "dicom"
 
 
+@pytest.mark.filterwarnings("ignore::UserWarning")  # MONAI announces its optional GPU readers
 def test_reader_plugs_into_monai_loadimage():
     path = NIB_DATA / "anatomical.nii"
     loaded = LoadImage(reader=VolumeReader(), image_only=True, ensure_channel_first=True)(str(path))

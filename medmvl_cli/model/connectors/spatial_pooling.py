@@ -13,7 +13,6 @@ import math
 from typing import Any, ClassVar
 
 import torch
-import torch.nn.functional as F
 
 from medmvl_cli.errors import ModelError
 from medmvl_cli.model.connectors.base import Connector, make_mlp
@@ -60,7 +59,12 @@ class SpatialPoolingConnector(Connector):
         """(N, T, in_width) -> (N, prod(grid // pool), out_width)."""
         x = self.layout.drop_cls(x)
         n, _, c = x.shape
-        cube = x.transpose(1, 2).reshape(n, c, *self.layout.grid)
-        pool = F.avg_pool3d if len(self.layout.grid) == 3 else F.avg_pool2d
-        pooled = pool(cube, kernel_size=self.pool, stride=self.pool)
-        return self.mlp(pooled.flatten(2).transpose(1, 2))
+        # Average pooling as a reshape + mean, channels last: the same numbers as avg_pool3d /
+        # avg_pool2d (kernel = stride, remainder dropped) in any dtype (CPU has no bf16 avg_pool3d).
+        cube = x.reshape(n, *self.layout.grid, c)
+        cube = cube[(slice(None),) + tuple(slice(0, g * p) for g, p in zip(self.pooled_grid, self.pool))]
+        split = [n]
+        for g, p in zip(self.pooled_grid, self.pool):
+            split += [g, p]
+        pooled = cube.reshape(*split, c).mean(dim=tuple(range(2, 2 * len(self.pool) + 1, 2)))
+        return self.mlp(pooled.reshape(n, -1, c))

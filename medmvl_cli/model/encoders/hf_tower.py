@@ -60,22 +60,31 @@ class HFVisionTower(Encoder):
         self.image_std = tuple(arch["image_std"])
 
     @classmethod
-    def _prepare_config(cls, config) -> None:
-        """Adjust the loaded vision config before the weights are read (SigLIP drops its head)."""
+    def _after_load(cls, tower: torch.nn.Module) -> None:
+        """Drop what the features never pass through (SigLIP's pooling head)."""
 
     @classmethod
     def from_recipe(cls, cfg: Any, volume: Optional[Any] = None, attn_implementation: str = "sdpa") -> "HFVisionTower":
         folder = tower_folder(cfg)
         config_cls, model_cls, _ = cls._classes()
+        from transformers.utils import logging as hf_logging
+
+        verbosity = hf_logging.get_verbosity()
+        hf_logging.set_verbosity_error()  # our own key report below replaces transformers' table
         try:
             config = config_cls.from_pretrained(folder)
-            cls._prepare_config(config)
-            tower = model_cls.from_pretrained(folder, config=config, attn_implementation=attn_implementation)
+            tower, info = model_cls.from_pretrained(
+                folder, config=config, attn_implementation=attn_implementation, output_loading_info=True
+            )
         except (OSError, ValueError) as err:
             raise ModelError(
                 f"{cls.type} encoder: cannot load a {model_cls.__name__} from {folder} ({err})",
                 hint=f"point `path` at a local folder holding a {cls.type.upper()} model (config.json + weights)",
             ) from None
+        finally:
+            hf_logging.set_verbosity(verbosity)
+        check_loading_info(cls.type, folder, info)
+        cls._after_load(tower)
         processor = load_image_processor(folder, cls, int(config.image_size))
         arch = cls.make_arch(cfg, tower, processor)
         encoder = cls(arch, tower=tower, attn_implementation=attn_implementation)
@@ -103,6 +112,29 @@ class HFVisionTower(Encoder):
         if self.has_cls and not self.include_cls:
             features = features[:, 1:]
         return features
+
+
+# Keys of a whole CLIP / SigLIP checkpoint that belong to its text side or contrastive loss.
+_NON_VISION_PREFIXES = ("text_model.", "text_projection.", "visual_projection.", "logit_scale", "logit_bias")
+
+
+def check_loading_info(kind: str, folder: str, info: dict) -> None:
+    """A vision weight missing from the folder is an error (never a silent random init); the text
+    tower of a whole CLIP / SigLIP checkpoint is dropped quietly, anything else is reported."""
+    missing = sorted(info.get("missing_keys") or [])
+    if missing:
+        shown = ", ".join(missing[:8]) + (f" ... ({len(missing)} in all)" if len(missing) > 8 else "")
+        raise ModelError(
+            f"{kind} encoder: {folder} lacks vision weights: {shown}",
+            hint="point `path` at the released checkpoint (its vision tower must be complete)",
+        )
+    unexpected = sorted(info.get("unexpected_keys") or [])
+    other = [k for k in unexpected if not k.startswith(_NON_VISION_PREFIXES)]
+    if other:
+        logger.warning("%s encoder: ignored %d weights of %s that fit no vision layer: %s",
+                       kind, len(other), folder, ", ".join(other[:8]))
+    if len(unexpected) > len(other):
+        logger.info("%s encoder: dropped the %d text-tower weights of %s", kind, len(unexpected) - len(other), folder)
 
 
 def load_image_processor(folder: str, tower_cls: type[HFVisionTower], image_size: int):

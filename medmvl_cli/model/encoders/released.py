@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import Iterable, Optional
+from typing import Iterable
 
 import torch
 from torch import nn
@@ -137,9 +137,3 @@ def optional_size(config: dict, key: str, default):
     value = config.get(key, default)
     return tuple(value) if isinstance(value, list) else value
 
-
-def first_present(config: dict, keys: tuple[str, ...], default) -> Optional[object]:
-    for key in keys:
-        if key in config:
-            return config[key]
-    return default

@@ -3,7 +3,7 @@
 SigLIP has no CLS token: every token is a patch, so `select_feature: cls_patch` gives the same
 tokens as `patch` (transformers' LLaVA calls this `vision_feature_select_strategy="full"`). We
 accept `cls_patch` rather than refuse it because MedM-VL's SigLIP recipes use it to mean "all
-tokens". The attention-pooling head SigLIP carries for its image-text loss is not loaded
+tokens". The attention-pooling head SigLIP carries for its image-text loss is dropped after loading
 (`vision_use_head=False`): the features never pass through it.
 Input: (N, 3, H, W) pixels from the folder's SiglipImageProcessor.
 """
@@ -26,5 +26,9 @@ class SiglipTower(HFVisionTower):
         return SiglipVisionConfig, SiglipVisionModel, SiglipImageProcessor
 
     @classmethod
-    def _prepare_config(cls, config) -> None:
-        config.vision_use_head = False
+    def _after_load(cls, tower) -> None:
+        # Loaded with the head (so its released weights are expected, not reported), then dropped.
+        if getattr(tower, "use_head", False):
+            del tower.head
+            tower.use_head = False
+        tower.config.vision_use_head = False

@@ -118,7 +118,10 @@ def llm_preset_dir(name: str) -> Path:
         model.save_pretrained(folder)
         tokenizer.save_pretrained(folder)
 
-    return _materialise(_folder("llm", name, LLM_PRESETS[name]), write)
+    from medmvl_cli.model.presets.tokenizer_files import preset_tokenizer_dir
+
+    tokenizer_digest = hashlib.sha256((preset_tokenizer_dir(family) / "tokenizer.json").read_bytes()).hexdigest()
+    return _materialise(_folder("llm", name, {**LLM_PRESETS[name], "tokenizer": tokenizer_digest}), write)
 
 
 def encoder_preset_dir(kind: str) -> Path:

@@ -1,0 +1,112 @@
+"""What the page says about the model: its name, branches and preprocessing, read off a Predictor."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+BRANCH_NAMES = {"image": "2D images", "image3d": "3D volumes"}
+PLACEHOLDERS = {"image": "<image>", "image3d": "<image3d>"}
+
+
+@dataclass
+class ModelInfo:
+    name: str
+    path: str
+    branches: tuple[str, ...]  # "image" and / or "image3d"
+    template: Optional[str] = None
+    device: Optional[str] = None
+    image_size: Optional[tuple[int, int]] = None  # (H, W) the 2D encoder takes
+    image_window: Optional[tuple[float, float]] = None  # window applied to DICOM / 16-bit images
+    volume: dict = field(default_factory=dict)  # size, window, spacing, orientation, crop_foreground
+    tokens: dict = field(default_factory=dict)  # placeholder -> tokens it expands to
+
+    @property
+    def volume_window(self) -> Optional[tuple[float, float]]:
+        window = self.volume.get("window")
+        return (float(window[0]), float(window[1])) if window else None
+
+    def branch_text(self) -> str:
+        return " and ".join(BRANCH_NAMES[b] for b in self.branches) or "no media (text only)"
+
+    def markdown(self) -> str:
+        """A short card for the page."""
+        rows = [f"**Model:** `{self.name}`", f"**Reads:** {self.branch_text()}"]
+        if "image" in self.branches:
+            size = f"{self.image_size[1]} × {self.image_size[0]} px" if self.image_size else "the encoder's size"
+            window = (f"window {self.image_window[0]:g} to {self.image_window[1]:g}" if self.image_window
+                      else "pixels as stored (DICOM: its header window)")
+            rows.append(f"**2D input:** {window} · resized to {size} · {self.tokens.get('<image>', '?')} tokens")
+        if "image3d" in self.branches:
+            vol = self.volume
+            size = " × ".join(str(n) for n in vol.get("size", ())) or "?"
+            window = self.volume_window
+            window_text = f"HU window {window[0]:g} to {window[1]:g}" if window else "no window"
+            spacing = vol.get("spacing")
+            spacing_text = ("voxel grid kept" if not spacing
+                            else "resampled to " + " × ".join(f"{s:g}" for s in spacing) + " mm")
+            crop = " · body crop" if vol.get("crop_foreground") else ""
+            rows.append(f"**3D input:** {window_text} · {spacing_text}{crop} · resized to {size} (D × H × W, "
+                        f"{vol.get('orientation', '?')}) · {self.tokens.get('<image3d>', '?')} tokens")
+        extra = [f"template {self.template}" if self.template else "", f"on {self.device}" if self.device else ""]
+        extra_text = ", ".join(e for e in extra if e)
+        rows.append(f"<small>{self.path}{' · ' + extra_text if extra_text else ''}</small>")
+        return "  \n".join(rows)
+
+
+def describe_model(predictor: Any) -> ModelInfo:
+    """Read the name, branches and preprocessing off a ``Predictor`` (or an object shaped like one)."""
+    media = predictor.media
+    tokens = dict(getattr(predictor, "placeholder_lengths", {}) or {})
+    branches = []
+    if getattr(media, "image_processor", None) is not None or "<image>" in tokens:
+        branches.append("image")
+    if getattr(media, "volume_config", None) is not None or "<image3d>" in tokens:
+        branches.append("image3d")
+    model = getattr(predictor, "model", None)
+    template = getattr(getattr(model, "config", None), "template", None)
+    window = getattr(media, "image_window", None)
+    return ModelInfo(
+        name=str(predictor.name),
+        path=str(getattr(predictor, "model_dir", "")),
+        branches=tuple(branches),
+        template=str(template) if template else None,
+        device=str(getattr(predictor, "device", "")) or None,
+        image_size=_image_size(getattr(media, "image_processor", None)),
+        image_window=(float(window[0]), float(window[1])) if window else None,
+        volume=_volume_dict(getattr(media, "volume_config", None)),
+        tokens=tokens,
+    )
+
+
+def _get(obj: Any, name: str) -> Any:
+    return obj.get(name) if isinstance(obj, Mapping) else getattr(obj, name, None)
+
+
+def _volume_dict(cfg: Any) -> dict:
+    if cfg is None:
+        return {}
+    out = {}
+    for key in ("size", "window", "spacing", "orientation", "crop_foreground"):
+        value = _get(cfg, key)
+        out[key] = list(value) if isinstance(value, (tuple, list)) else value
+    return out
+
+
+def _image_size(processor: Any) -> Optional[tuple[int, int]]:
+    """(H, W) from an HF image processor's crop_size / size."""
+    if processor is None:
+        return None
+    for attr in ("crop_size", "size"):
+        size = getattr(processor, attr, None)
+        if isinstance(size, Mapping) or hasattr(size, "get"):
+            height, width = size.get("height"), size.get("width")
+            if height and width:
+                return int(height), int(width)
+            edge = size.get("shortest_edge")
+            if edge:
+                return int(edge), int(edge)
+        elif isinstance(size, int):
+            return size, size
+    return None

@@ -1,0 +1,240 @@
+"""From a recipe to a model, and a saved model folder back to one.
+
+- `build_model(recipe)`: loads the LLM and the encoders from their folders / presets, adds the
+  placeholder tokens, sizes the connectors, and returns (model, tokenizer, image processor or None).
+- `save_model(model, folder, tokenizer, image_processor)`: the self-contained folder a run's
+  `model/` is: config.json (+ volume preprocessing), safetensors, tokenizer with its chat template,
+  the 2D image processor, `llm_adapter/` for a LoRA-wrapped LLM.
+- `load_model(folder)`: the same triple back, with no path to the original folders.
+
+Which parts train is set afterwards by `trainable.apply_trainable` (and `apply_lora`).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from medmvl_cli.errors import ModelError
+from medmvl_cli.model.configuration import MedmvlConfig, register
+from medmvl_cli.model.encoders import encoder_from_recipe
+from medmvl_cli.model.encoders.base import mark_loaded
+from medmvl_cli.model.encoders.hf_tower import image_processor_from_arch
+from medmvl_cli.model.llm import (
+    IMAGE3D_TOKEN,
+    IMAGE_TOKEN,
+    check_attn_implementation,
+    encoder_attn_implementation,
+    ensure_placeholder_tokens,
+    is_peft_model,
+    llm_folder,
+    load_llm,
+    resolve_dtype,
+)
+from medmvl_cli.model.lvlm import MedmvlForConditionalGeneration
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_SHARD_SIZE = "2GB"
+
+
+def build_model(
+    recipe: Any, *, dtype: str | torch.dtype | None = None
+) -> tuple[MedmvlForConditionalGeneration, Any, Optional[Any]]:
+    """(model, tokenizer, image processor of the 2D branch or None) for a validated recipe
+    (`load_recipe`). `dtype` overrides `model.llm.dtype` (e.g. float32 master weights for mixed
+    precision training). With `init_from`, the earlier run's model is loaded instead (a LoRA
+    adapter merged into the LLM) and checked against the recipe."""
+    if getattr(recipe, "init_from", None):
+        return _from_earlier_run(recipe, dtype)
+    spec = recipe.model
+    dtype = resolve_dtype(dtype if dtype is not None else spec.llm.dtype)
+    attn = check_attn_implementation(spec.llm.attn_implementation)
+    llm, tokenizer = load_llm(llm_folder(spec.llm), dtype, attn)
+    token_ids = ensure_placeholder_tokens(tokenizer, llm)
+    llm.config._name_or_path = ""  # a saved model keeps no path back to the LLM's folder
+    mark_loaded(llm)
+    encoder_attn = encoder_attn_implementation(attn)
+
+    settings: dict[str, dict] = {}
+    encoders: dict[str, Any] = {}
+    image_processor = None
+    if spec.image is not None:
+        encoder = encoder_from_recipe(spec.image.encoder, attn_implementation=encoder_attn)
+        image_processor = getattr(encoder, "image_processor", None) or image_processor_from_arch(encoder.arch)
+        encoders["image"] = encoder
+        settings["image"] = {
+            "encoder": encoder.arch,
+            "connector": spec.image.connector.model_dump(mode="json"),
+            "window": list(spec.image.window) if spec.image.window else None,
+        }
+    if spec.image3d is not None:
+        encoder = encoder_from_recipe(spec.image3d.encoder, volume=spec.image3d.volume, attn_implementation=encoder_attn)
+        encoders["image3d"] = encoder
+        settings["image3d"] = {
+            "encoder": encoder.arch,
+            "connector": spec.image3d.connector.model_dump(mode="json"),
+            "volume": spec.image3d.volume.model_dump(mode="json"),
+        }
+    config = MedmvlConfig(
+        text_config=llm.config,
+        image=settings.get("image"),
+        image3d=settings.get("image3d"),
+        image_token_id=token_ids[IMAGE_TOKEN],
+        image3d_token_id=token_ids[IMAGE3D_TOKEN],
+        template=spec.llm.template,
+        max_length=spec.llm.max_length,
+        # Without it the config would reset the shared LLM config's attention kernel to None.
+        attn_implementation=attn,
+    )
+    model = MedmvlForConditionalGeneration(
+        config, llm=llm, image_encoder=encoders.get("image"), image3d_encoder=encoders.get("image3d")
+    )
+    model.to(dtype)
+    log_summary(model)
+    return model, tokenizer, image_processor
+
+
+def log_summary(model: MedmvlForConditionalGeneration) -> None:
+    from medmvl_cli.model.trainable import parameter_counts
+
+    for branch in ("image", "image3d"):
+        encoder = getattr(model, f"{branch}_encoder")
+        if encoder is not None:
+            logger.info("%s branch: %s -> %s connector -> %d LLM tokens", branch, encoder.describe(),
+                        getattr(model, f"{branch}_connector").type, model.num_tokens(branch))
+    for name, (total, trainable) in parameter_counts(model).items():
+        logger.info("%-18s %12s parameters (%s trainable)", name, f"{total:,}", f"{trainable:,}")
+
+
+def save_model(
+    model: MedmvlForConditionalGeneration,
+    folder: str | Path,
+    tokenizer: Any = None,
+    image_processor: Any = None,
+    *,
+    max_shard_size: str | int = DEFAULT_SHARD_SIZE,
+    state_dict: Optional[dict] = None,
+    dtype: str | torch.dtype | None = None,
+) -> Path:
+    """Write the self-contained model folder (see module docstring); returns it.
+
+    `state_dict`: the weights to write instead of the model's own (e.g. gathered from DeepSpeed
+    ZeRO-3; same keys as `model.state_dict()`). `dtype`: store floating-point weights in this dtype
+    (e.g. bfloat16 after float32 training); None keeps the model's."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    kwargs: dict[str, Any] = {"max_shard_size": max_shard_size}
+    if dtype is not None:
+        target = resolve_dtype(dtype)
+        weights = state_dict if state_dict is not None else model.state_dict()
+        state_dict = {k: v.to(target) if v.is_floating_point() else v for k, v in weights.items()}
+        model.config.dtype = target
+    if state_dict is not None:
+        kwargs["state_dict"] = state_dict
+    model.save_pretrained(folder, **kwargs)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(folder)
+    if image_processor is None and model.config.image is not None:
+        image_processor = image_processor_from_arch(model.config.image["encoder"])
+    if image_processor is not None:
+        image_processor.save_pretrained(folder)
+    logger.info("saved the model to %s", folder)
+    return folder
+
+
+def load_model(
+    folder: str | Path,
+    *,
+    dtype: str | torch.dtype | None = "auto",
+    attn_implementation: str = "sdpa",
+    adapter_trainable: bool = False,
+    merge_lora: bool = False,
+) -> tuple[MedmvlForConditionalGeneration, Any, Optional[Any]]:
+    """(model, tokenizer, image processor or None) from a folder written by `save_model`.
+    A LoRA adapter in the folder comes back on the LLM (trainable if `adapter_trainable`), or
+    merged into its weights with `merge_lora`."""
+    from transformers import AutoTokenizer
+
+    folder = Path(folder)
+    if not (folder / "config.json").is_file():
+        raise ModelError(
+            f"{folder} is not a medmvl model folder (no config.json)",
+            hint="point at a run's model/ folder, e.g. runs/NAME/model",
+        )
+    register()
+    try:
+        config = MedmvlConfig.from_pretrained(str(folder))
+    except (OSError, ValueError, TypeError) as err:
+        raise ModelError(f"{folder}/config.json is not a medmvl config ({err})") from None
+    if config.model_type != MedmvlConfig.model_type:
+        raise ModelError(f"{folder} holds a {config.model_type!r} model, not a medmvl one")
+    model = MedmvlForConditionalGeneration.from_pretrained(
+        str(folder), dtype=resolve_dtype(dtype), attn_implementation=check_attn_implementation(attn_implementation),
+        adapter_trainable=adapter_trainable,
+    )
+    if merge_lora and is_peft_model(model.llm):
+        model.llm = model.llm.merge_and_unload()
+        model.config.llm_adapter = None
+        logger.info("merged the LoRA adapter of %s into the LLM", folder)
+    tokenizer = AutoTokenizer.from_pretrained(str(folder))
+    image_processor = None
+    if model.config.image is not None:
+        image_processor = _load_image_processor(folder, model.config.image["encoder"])
+    return model, tokenizer, image_processor
+
+
+def _load_image_processor(folder: Path, arch: dict):
+    from transformers import AutoImageProcessor
+
+    if (folder / "preprocessor_config.json").is_file():
+        return AutoImageProcessor.from_pretrained(str(folder))
+    logger.warning("%s has no preprocessor_config.json: rebuilding the image processor from config.json", folder)
+    return image_processor_from_arch(arch)
+
+
+def _from_earlier_run(recipe: Any, dtype: str | torch.dtype | None = None):
+    source = Path(recipe.init_from)
+    folder = source / "model" if (source / "model" / "config.json").is_file() else source
+    if not (folder / "config.json").is_file():
+        raise ModelError(
+            f"init_from: {source} holds no model (neither {source}/model/config.json nor {source}/config.json)",
+            hint="run the earlier stage first (e.g. medmvl pretrain), or fix init_from",
+        )
+    spec = recipe.model
+    model, tokenizer, image_processor = load_model(
+        folder, dtype=dtype if dtype is not None else spec.llm.dtype,
+        attn_implementation=spec.llm.attn_implementation, merge_lora=True,
+    )
+    for branch in ("image", "image3d"):
+        wanted, saved = getattr(spec, branch), model.config.branch(branch)
+        if (wanted is None) != (saved is None):
+            raise ModelError(
+                f"init_from {folder}: the recipe {'has' if wanted else 'lacks'} model.{branch} but the earlier model "
+                f"{'has' if saved else 'lacks'} it",
+                hint="init_from needs the same branches, encoders and connectors as the earlier run",
+            )
+        if wanted is None:
+            continue
+        for part in ("encoder", "connector"):
+            if getattr(wanted, part).type != saved[part]["type"]:
+                raise ModelError(
+                    f"init_from {folder}: model.{branch}.{part}.type is {getattr(wanted, part).type!r} but the earlier "
+                    f"model has {saved[part]['type']!r}",
+                    hint="init_from needs the same encoders and connectors as the earlier run",
+                )
+        if branch == "image3d" and list(wanted.volume.size) != list(saved["volume"]["size"]):
+            raise ModelError(
+                f"init_from {folder}: model.image3d.volume.size is {list(wanted.volume.size)} but the earlier model "
+                f"was trained on {saved['volume']['size']}",
+                hint="keep the volume size of the earlier run",
+            )
+    model.config.template = spec.llm.template
+    model.config.max_length = spec.llm.max_length
+    if spec.image3d is not None:
+        model.config.image3d["volume"] = spec.image3d.volume.model_dump(mode="json")
+    logger.info("init_from: starting from the weights of %s", folder)
+    return model, tokenizer, image_processor

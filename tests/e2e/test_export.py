@@ -1,0 +1,385 @@
+"""`medmvl export`: medmvl folders (LoRA kept or merged), transformers' LLaVA (5.x and 4.x layouts),
+refusals, atomic writes. The proof that hf-llava needs no medmvl code runs transformers in a
+subprocess whose `sys.modules` never holds medmvl."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from typer.testing import CliRunner
+
+from medmvl_cli.cli.app import app
+from medmvl_cli.config.loader import load_recipe
+from medmvl_cli.engine.stages import train_stage
+from medmvl_cli.errors import ModelError, RunError
+from medmvl_cli.inference.generate import GenerationSettings, Predictor
+from medmvl_cli.model.builder import build_model, load_model, save_model
+from tests.e2e.conftest import RECIPE_2D, RECIPE_3D
+
+runner = CliRunner()
+
+
+def flat(output: str) -> str:
+    """CLI output without the error panel's frame and line breaks."""
+    return " ".join(re.sub(r"[│╭╮╰╯─]", " ", output).split())
+
+
+PROMPT = "<image>\nWhich quadrant holds the bright spot?"
+
+
+# ------------------------------------------------------------------------------------ fixtures
+@pytest.fixture(scope="module")
+def lora_run(tmp_path_factory, synth_data) -> Path:
+    """A tiny CLIP + MLP + Qwen2 LoRA run (a few steps, so the adapter is far from zero)."""
+    folder = tmp_path_factory.mktemp("lora")
+    recipe = folder / "tiny-2d.yaml"
+    recipe.write_text(RECIPE_2D.format(data=synth_data))
+    overrides = [f"output_dir={folder / 'runs' / 'lora'}", "stage=lora", "lora.r=4", "lora.alpha=8",
+                 "lora.dropout=0.0", "train.max_steps=3", "train.lr=1.0e-2"]
+    return train_stage(load_recipe(recipe, overrides), quiet=True)
+
+
+def model_folder(tmp_path: Path, text: str, name: str = "model") -> Path:
+    """An untrained model folder saved from a recipe text (random weights, seed 0)."""
+    recipe = tmp_path / f"{name}.yaml"
+    recipe.write_text(text)
+    torch.manual_seed(0)
+    model, tokenizer, processor = build_model(load_recipe(recipe))
+    return save_model(model, tmp_path / name, tokenizer, processor)
+
+
+SIGLIP_LLAMA = """
+model:
+  llm: {preset: tiny-llama}
+  image:
+    encoder: {type: siglip, preset: tiny, select_layer: -2, select_feature: patch}
+    connector: {type: mlp, depth: 2, activation: gelu}
+"""
+
+
+def sample_images(synth_data: Path) -> list[Path]:
+    return sorted((synth_data / "images").glob("test-*.png"))[:3]
+
+
+def logits_of(model, tokenizer, processor, image: Path) -> torch.Tensor:
+    from medmvl_cli.data.image_io import read_image
+    from medmvl_cli.data.templates import get_template
+
+    template = get_template(model.config.template)
+    ids = template.encode(tokenizer, [{"role": "user", "content": PROMPT}], {"<image>": model.num_tokens("image")},
+                          add_generation_prompt=True).input_ids
+    pixels = processor(images=[read_image(image)], return_tensors="pt")["pixel_values"]
+    with torch.no_grad():
+        return model(input_ids=torch.tensor([ids]), pixel_values=pixels).logits[0]
+
+
+def answers(model_dir: Path, images: list[Path]) -> list[str]:
+    from medmvl_cli.inference.generate import Request
+
+    predictor = Predictor(model_dir)
+    requests = [Request(messages=[{"role": "user", "content": PROMPT}], images=[i]) for i in images]
+    return predictor.generate(requests, GenerationSettings(max_new_tokens=8))
+
+
+# ------------------------------------------------------------------------------------ medmvl format
+def test_export_keeps_the_adapter_unless_merged_and_answers_stay_the_same(lora_run, synth_data, tmp_path):
+    images = sample_images(synth_data)
+    model, tokenizer, processor = load_model(lora_run / "model")
+    model.eval()
+    with_adapter = [logits_of(model, tokenizer, processor, i) for i in images]
+    with model.llm.disable_adapter():
+        base = logits_of(model, tokenizer, processor, images[0])
+    assert (base - with_adapter[0]).abs().max() > 1e-2  # the adapter matters, so the check below can fail
+
+    kept = runner.invoke(app, ["export", "--model", str(lora_run), "--out", str(tmp_path / "kept")])
+    assert kept.exit_code == 0, kept.output
+    assert (tmp_path / "kept" / "llm_adapter" / "adapter_model.safetensors").is_file()
+
+    merged = runner.invoke(app, ["export", "--model", str(lora_run), "--out", str(tmp_path / "merged"), "--merge-lora"])
+    assert merged.exit_code == 0, merged.output
+    out = tmp_path / "merged"
+    assert not (out / "llm_adapter").exists()
+    assert json.loads((out / "config.json").read_text())["llm_adapter"] is None
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        assert not [k for k in f.keys() if "lora_" in k or "base_layer" in k]
+    for name in ("tokenizer.json", "chat_template.jinja", "preprocessor_config.json"):
+        assert (out / name).is_file(), name
+
+    reference = answers(lora_run / "model", images)
+    for folder in (tmp_path / "kept", out):
+        loaded, tok, proc = load_model(folder)
+        loaded.eval()
+        for image, expected in zip(images, with_adapter):
+            assert torch.allclose(logits_of(loaded, tok, proc, image), expected, atol=1e-4)
+        assert answers(folder, images) == reference
+    infer = runner.invoke(app, ["infer", "--model", str(out), "--image", str(images[0]), "--max-new-tokens", "8"])
+    assert infer.exit_code == 0, infer.output
+    assert reference[0] in infer.stdout
+
+
+def test_a_non_empty_out_is_refused_and_overwrite_replaces_only_exports(lora_run, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.txt").write_text("keep me")
+    refused = runner.invoke(app, ["export", "--model", str(lora_run), "--out", str(out)])
+    assert refused.exit_code == 1 and "not empty" in flat(refused.output) and "--overwrite" in flat(refused.output)
+    forced = runner.invoke(app, ["export", "--model", str(lora_run), "--out", str(out), "--overwrite"])
+    assert forced.exit_code == 1 and "does not look like" in flat(forced.output)
+    assert (out / "notes.txt").read_text() == "keep me"
+
+    first = runner.invoke(app, ["export", "--model", str(lora_run), "--out", str(tmp_path / "export")])
+    assert first.exit_code == 0, first.output
+    again = runner.invoke(app, ["export", "--model", str(lora_run), "--out", str(tmp_path / "export"), "--overwrite",
+                                "--merge-lora"])
+    assert again.exit_code == 0, again.output
+    assert not (tmp_path / "export" / "llm_adapter").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["export", "out"]  # no staging folders left
+
+
+def test_a_failed_export_leaves_the_old_folder_and_no_staging(lora_run, tmp_path, monkeypatch):
+    from medmvl_cli.interop import export_medmvl
+
+    out = tmp_path / "export"
+    export_medmvl.export_medmvl(lora_run / "model", out)
+    before = sorted(p.name for p in out.iterdir())
+
+    def broken(model, folder, *args, **kwargs):
+        (Path(folder) / "config.json").write_text("{half")
+        raise OSError("disk full")
+
+    monkeypatch.setattr("medmvl_cli.model.builder.save_model", broken)
+    with pytest.raises(OSError, match="disk full"):
+        export_medmvl.export_medmvl(lora_run / "model", out, overwrite=True, merge_lora=True)
+    assert sorted(p.name for p in out.iterdir()) == before
+    assert json.loads((out / "config.json").read_text())["model_type"] == "medmvl"
+    assert [p.name for p in tmp_path.iterdir()] == ["export"]
+
+
+# ------------------------------------------------------------------------------------ hf-llava
+TRANSFORMERS_SIDE = r"""
+import json, sys
+import torch
+from PIL import Image
+from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+folder, image, prompt, max_new = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+processor = AutoProcessor.from_pretrained(folder)
+model = LlavaForConditionalGeneration.from_pretrained(folder, dtype=torch.float32).eval()
+text = processor.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False)
+# The chat template already writes bos where the LLM wants one.
+inputs = processor(images=Image.open(image).convert("RGB"), text=text, add_special_tokens=False, return_tensors="pt")
+with torch.no_grad():
+    out = model.generate(**inputs, max_new_tokens=max_new, do_sample=False)
+    logits = model(**inputs).logits[0, -1]
+loaded = sorted(m for m in sys.modules if m == "medmvl_cli" or m.startswith(("medmvl_cli.", "medmvl.")))
+print(json.dumps({"prompt_ids": inputs["input_ids"][0].tolist(), "new_ids": out[0, inputs["input_ids"].shape[1]:].tolist(),
+                  "last_logits": logits.tolist(), "medmvl_modules": loaded}))
+"""
+
+
+def transformers_side(folder: Path, image: Path, max_new: int, cwd: Path) -> dict:
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONPATH="")
+    done = subprocess.run([sys.executable, "-c", TRANSFORMERS_SIDE, str(folder), str(image), PROMPT, str(max_new)],
+                          capture_output=True, text=True, cwd=cwd, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def medmvl_side(model_dir: Path, image: Path, max_new: int) -> dict:
+    predictor = Predictor(model_dir)
+    messages = [{"role": "user", "content": PROMPT}]
+    ids = predictor.prompt_ids(messages)
+    pixels = predictor.media.images([image])
+    settings = GenerationSettings(max_new_tokens=max_new)
+    tokenizer = predictor.tokenizer
+    with torch.no_grad():
+        new = predictor.model.generate(
+            input_ids=torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long), pixel_values=pixels,
+            **settings.kwargs(tokenizer.pad_token_id, predictor.template.stop_token_ids(tokenizer)))
+        logits = predictor.model(input_ids=torch.tensor([ids]), pixel_values=pixels).logits[0, -1]
+    return {"prompt_ids": ids, "new_ids": new[0].tolist(), "last_logits": logits, "tokenizer": tokenizer}
+
+
+def test_hf_llava_generates_what_medmvl_infer_does_without_medmvl_code(lora_run, synth_data, tmp_path):
+    out = tmp_path / "llava"
+    result = runner.invoke(app, ["export", "--model", str(lora_run), "--out", str(out), "--format", "hf-llava"])
+    assert result.exit_code == 0, result.output
+    for image in sample_images(synth_data)[:2]:
+        ours = medmvl_side(lora_run / "model", image, 12)
+        theirs = transformers_side(out, image, 12, cwd=tmp_path)
+        assert theirs["medmvl_modules"] == []
+        assert theirs["prompt_ids"] == ours["prompt_ids"]  # template, <image> expansion, tokenizer
+        assert torch.allclose(torch.tensor(theirs["last_logits"]), ours["last_logits"], atol=1e-4)  # LoRA merged
+        assert len(ours["new_ids"]) >= 4
+        assert theirs["new_ids"] == ours["new_ids"]
+        infer = runner.invoke(app, ["infer", "--model", str(lora_run), "--image", str(image), "--max-new-tokens", "12"])
+        assert infer.exit_code == 0, infer.output
+        text = ours["tokenizer"].decode(theirs["new_ids"], skip_special_tokens=True).strip()
+        assert infer.stdout.strip().endswith(text)
+
+
+def test_hf_llava_of_a_siglip_llama_model_has_the_layout_transformers_saves(tmp_path, synth_data):
+    from transformers import AutoProcessor, LlavaConfig, LlavaForConditionalGeneration
+
+    from medmvl_cli.interop.export_hf import export_hf_llava
+
+    source = model_folder(tmp_path, SIGLIP_LLAMA)
+    out = export_hf_llava(source, tmp_path / "llava")
+    config = json.loads((out / "config.json").read_text())
+    ours = load_model(source)[0]
+    assert config["vision_feature_select_strategy"] == "full"  # SigLIP: every token is a patch
+    assert config["vision_feature_layer"] == -2
+    assert config["image_token_index"] == ours.config.image_token_id
+    assert config["image_seq_length"] == ours.num_tokens("image") == 16
+    # What transformers itself writes for this config, key for key and shape for shape.
+    reference = tmp_path / "reference"
+    LlavaForConditionalGeneration(LlavaConfig.from_pretrained(out)).save_pretrained(reference)
+    with safe_open(str(out / "model.safetensors"), "pt") as a, safe_open(str(reference / "model.safetensors"), "pt") as b:
+        assert sorted(a.keys()) == sorted(b.keys())
+        assert all(a.get_slice(k).get_shape() == b.get_slice(k).get_shape() for k in a.keys())
+        assert "language_model.lm_head.weight" in a.keys()  # tiny-llama does not tie its head
+    llava, info = LlavaForConditionalGeneration.from_pretrained(out, output_loading_info=True)
+    assert not any(info.values()), info
+    processor = AutoProcessor.from_pretrained(out)
+    assert (processor.patch_size, processor.num_additional_image_tokens) == (8, 0)
+    assert processor.tokenizer.convert_tokens_to_ids("<image>") == ours.config.image_token_id
+    generation = json.loads((out / "generation_config.json").read_text())
+    eot = processor.tokenizer.convert_tokens_to_ids("<|eot_id|>")
+    assert eot in generation["eos_token_id"]
+    # Same logits as the medmvl model, through LLaVA's own processor (llama3: bos from the template).
+    from PIL import Image
+
+    image = sample_images(synth_data)[0]
+    text = processor.apply_chat_template([{"role": "user", "content": PROMPT}], add_generation_prompt=True, tokenize=False)
+    inputs = processor(images=Image.open(image).convert("RGB"), text=text, add_special_tokens=False, return_tensors="pt")
+    assert inputs["input_ids"][0, 0].item() == processor.tokenizer.bos_token_id
+    tokenizer, image_processor = load_model(source)[1:]
+    with torch.no_grad():
+        theirs = llava.eval()(**inputs).logits[0]
+    assert torch.allclose(theirs, logits_of(ours.eval(), tokenizer, image_processor, image), atol=1e-4)
+
+
+# What transformers 4.52-4.57's LlavaForConditionalGeneration._checkpoint_conversion_mapping does to
+# on-disk keys (before 4.52 the on-disk names were the module names themselves).
+TRANSFORMERS4_MAPPING = {
+    r"^language_model.model": "model.language_model",
+    r"^vision_tower": "model.vision_tower",
+    r"^multi_modal_projector": "model.multi_modal_projector",
+    r"^language_model.lm_head": "lm_head",
+}
+
+
+def test_transformers4_variant_matches_what_transformers4_loads(tmp_path, synth_data):
+    from transformers import AutoImageProcessor, LlavaConfig, LlavaForConditionalGeneration, PreTrainedTokenizerFast
+    from safetensors.torch import load_file
+
+    source = model_folder(tmp_path, SIGLIP_LLAMA)
+    result = runner.invoke(app, ["export", "--model", str(source), "--out", str(tmp_path / "llava4"),
+                                 "--format", "hf-llava", "--transformers4"])
+    assert result.exit_code == 0, result.output
+    out = tmp_path / "llava4"
+    assert sorted(p.name for p in out.iterdir()) == sorted([
+        "config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
+        "processor_config.json", "preprocessor_config.json", "chat_template.json"])
+    # Weights: 4.x's vision tower is a SiglipVisionModel, whose keys start with vision_model.
+    state = load_file(str(out / "model.safetensors"))
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        assert f.metadata() == {"format": "pt"}
+    vision = [k for k in state if k.startswith("vision_tower.")]
+    assert vision and all(k.startswith("vision_tower.vision_model.") for k in vision)
+    config = json.loads((out / "config.json").read_text())
+    llava = LlavaForConditionalGeneration(LlavaConfig(**{k: v for k, v in config.items() if k != "torch_dtype"}))
+    expected = {k.replace("model.vision_tower.", "model.vision_tower.vision_model.") for k in llava.state_dict()}
+    renamed = {}
+    for key, value in state.items():
+        for pattern, target in TRANSFORMERS4_MAPPING.items():
+            key = re.sub(pattern, target, key)
+        renamed[key] = value
+    assert set(renamed) == expected
+    # Those weights, put into a model, give the medmvl model's logits.
+    llava.load_state_dict({k.replace("model.vision_tower.vision_model.", "model.vision_tower."): v
+                           for k, v in renamed.items()})
+    # Config: 4.x names for RoPE and dtype; the same architecture.
+    text = config["text_config"]
+    assert text["rope_theta"] == 10000.0 and "rope_parameters" not in text
+    assert config["torch_dtype"] == "float32" and config["image_token_index"] == llava.config.image_token_id
+    # Tokenizer: a class 4.x knows, special tokens as 4.x lists them, the chat template inline.
+    tokenizer_config = json.loads((out / "tokenizer_config.json").read_text())
+    assert tokenizer_config["tokenizer_class"] == "PreTrainedTokenizerFast"
+    assert not isinstance(tokenizer_config.get("extra_special_tokens"), list)
+    assert "{{- bos_token }}" in tokenizer_config["chat_template"]
+    assert json.loads((out / "chat_template.json").read_text())["chat_template"] == tokenizer_config["chat_template"]
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(out)
+    ours, our_tokenizer, our_processor = load_model(source)
+    assert tokenizer("a <image> b")["input_ids"] == our_tokenizer("a <image> b")["input_ids"]
+    # Processor: image processor flat in preprocessor_config.json, processor settings flat.
+    processor_config = json.loads((out / "processor_config.json").read_text())
+    assert "image_processor" not in processor_config
+    assert processor_config["patch_size"] == 8 and processor_config["vision_feature_select_strategy"] == "full"
+    image_processor = AutoImageProcessor.from_pretrained(out)
+    from PIL import Image
+
+    image = sample_images(synth_data)[0]
+    pixels = image_processor(images=Image.open(image).convert("RGB"), return_tensors="pt")["pixel_values"]
+    text = tokenizer.apply_chat_template([{"role": "user", "content": PROMPT}], add_generation_prompt=True, tokenize=False)
+    text = text.replace("<image>", "<image>" * ours.num_tokens("image"))
+    ids = tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        theirs = llava.eval()(input_ids=ids, pixel_values=pixels).logits[0]
+    assert torch.allclose(theirs, logits_of(ours.eval(), our_tokenizer, our_processor, image), atol=1e-4)
+
+
+def test_transformers4_text_config_keeps_rope_settings():
+    from medmvl_cli.interop.hf_transformers4 import text_config_for_transformers4
+
+    plain = text_config_for_transformers4({"rope_parameters": {"rope_theta": 1e6, "rope_type": "default"}, "dtype": "bfloat16"})
+    assert plain == {"rope_theta": 1e6, "dtype": "bfloat16", "torch_dtype": "bfloat16"}
+    phi = text_config_for_transformers4({"rope_parameters": {"rope_theta": 1e4, "partial_rotary_factor": 0.4, "rope_type": "default"}})
+    assert phi == {"rope_theta": 1e4, "partial_rotary_factor": 0.4}
+    llama3 = text_config_for_transformers4(
+        {"rope_parameters": {"rope_theta": 5e5, "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0}})
+    assert llama3["rope_theta"] == 5e5
+    assert llama3["rope_scaling"] == {"rope_type": "llama3", "type": "llama3", "factor": 8.0, "low_freq_factor": 1.0}
+
+
+@pytest.mark.parametrize("text, reasons", [
+    (RECIPE_3D, ["3D branch", "no 2D branch"]),
+    (SIGLIP_LLAMA.replace("depth: 2", "depth: 3"), ["depth 3"]),
+    (SIGLIP_LLAMA.replace("gelu", "relu"), ["relu"]),
+    (SIGLIP_LLAMA.replace("{type: mlp, depth: 2, activation: gelu}", "{type: spatial_pooling, pool: 2}"),
+     ["'spatial_pooling'"]),
+    (SIGLIP_LLAMA.replace("{type: mlp, depth: 2, activation: gelu}", "{type: attention_pooling, heads: 4}")
+     + """  image3d:
+    encoder: {type: slices, base: siglip, preset: tiny, num_slices: 2}
+    connector: {type: attention_pooling, heads: 4, slice_mean: true}
+    volume: {size: [2, 32, 32]}
+""", ["'attention_pooling'", "3D branch, a slices encoder"]),
+])
+def test_hf_llava_refuses_stacks_that_are_not_llava(tmp_path, synth_data, text, reasons):
+    source = model_folder(tmp_path, text.replace("{data}", str(synth_data)).replace("{{", "{").replace("}}", "}"))
+    result = runner.invoke(app, ["export", "--model", str(source), "--out", str(tmp_path / "out"), "--format", "hf-llava"])
+    assert result.exit_code == 1
+    message = flat(result.output)
+    assert "cannot be exported as transformers' LLaVA" in message
+    for reason in reasons:
+        assert reason in message, (reason, message)
+    assert not (tmp_path / "out").exists()
+
+
+def test_export_options_are_checked(lora_run, tmp_path, monkeypatch):
+    bad = runner.invoke(app, ["export", "--model", str(lora_run), "--out", str(tmp_path / "o"), "--format", "onnx"])
+    assert bad.exit_code == 2
+    t4 = runner.invoke(app, ["export", "--model", str(lora_run), "--out", str(tmp_path / "o"), "--transformers4"])
+    assert t4.exit_code == 2 and "hf-llava" in flat(t4.output)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MEDMVL_MODEL", raising=False)
+    none = runner.invoke(app, ["export", "--out", str(tmp_path / "o")])
+    assert none.exit_code == 1 and "medmvl import medm-vl" in flat(none.output)
