@@ -14,7 +14,7 @@ DTYPES = ("float32", "bfloat16", "float16")
 def export(
     out: Annotated[Path, typer.Option("--out", help="Folder to write (built beside it, then renamed into place).", show_default=False)],
     model: Annotated[Optional[str], typer.Option("--model", help="Run folder or model folder; default $MEDMVL_MODEL, else the newest finished run under ./runs.")] = None,
-    format: Annotated[str, typer.Option("--format", help="medmvl: a folder medmvl infer / demo load; hf-llava: transformers' LlavaForConditionalGeneration + LlavaProcessor.")] = "medmvl",
+    fmt: Annotated[str, typer.Option("--format", help="medmvl: a folder medmvl infer / demo load; hf-llava: transformers' LlavaForConditionalGeneration + LlavaProcessor.")] = "medmvl",
     merge_lora: Annotated[bool, typer.Option("--merge-lora", help="Fold a LoRA adapter into the LLM's weights (hf-llava always does).")] = False,
     transformers4: Annotated[bool, typer.Option("--transformers4", help="hf-llava only: write the layout transformers 4.x loads.")] = False,
     dtype: Annotated[Optional[str], typer.Option("--dtype", help="Store weights as float32 | bfloat16 | float16 (default: as saved).")] = None,
@@ -31,15 +31,15 @@ def export(
 
     from medmvl_cli.inference.generate import resolve_model_dir
 
-    if format not in FORMATS:
+    if fmt not in FORMATS:
         raise typer.BadParameter(f"use one of {', '.join(FORMATS)}", param_hint="--format")
     if dtype is not None and dtype not in DTYPES:
         raise typer.BadParameter(f"use one of {', '.join(DTYPES)}", param_hint="--dtype")
-    if transformers4 and format != "hf-llava":
+    if transformers4 and fmt != "hf-llava":
         raise typer.BadParameter("--transformers4 applies to --format hf-llava only", param_hint="--transformers4")
     model_dir = resolve_model_dir(model)
     Console(stderr=True).print(f"model: {model_dir}", highlight=False, soft_wrap=True)
-    if format == "medmvl":
+    if fmt == "medmvl":
         from medmvl_cli.interop.export_medmvl import export_medmvl
 
         written = export_medmvl(model_dir, out, merge_lora=merge_lora, overwrite=overwrite, dtype=dtype)

@@ -14,7 +14,7 @@ Conventions (also in docs/data.md):
 
 The "easy" question kinds, meant for quick training runs with tiny random-init encoders, are
 2D `quadrant` ("Which quadrant of the chest holds the lesion?", 4 classes, one large lesion) and
-3D `side` ("Which lung has the lesion?", left / right, one large lesion).
+3D `side` ("Which lung has the lesion?", left / right, a lobar consolidation filling the upper or lower half of one lung).
 """
 
 from __future__ import annotations
@@ -211,11 +211,18 @@ def render_volume(case: Case, shape: tuple[int, int, int], seed: int) -> np.ndar
     vol[np.broadcast_to(body, shape)] = 0.0
     lung_cz, lung_rz = 0.55, 0.38 * anatomy["lung"]
     lung_cy, lung_ry, lung_rx = 0.48, 0.25 * anatomy["lung"], 0.15 * anatomy["lung"]
+    lungs = {}
     for side in SIDES:
         cx = _lung_center_x(side, anatomy)
-        lung = ((x - cx) / lung_rx) ** 2 + ((y - lung_cy) / lung_ry) ** 2 + ((z - lung_cz) / lung_rz) ** 2 <= 1
-        vol[lung] = -850.0
-    for lesion in case.lesions:
+        lungs[side] = ((x - cx) / lung_rx) ** 2 + ((y - lung_cy) / lung_ry) ** 2 + ((z - lung_cz) / lung_rz) ** 2 <= 1
+        vol[lungs[side]] = -850.0
+    if case.task == "side":
+        # The easy 3D question shows a lobar consolidation: the lesion's zone of one lung filled with
+        # soft tissue, a signal a tiny random-init 3D encoder picks up within a few epochs.
+        (lesion,) = case.lesions
+        zone = (z >= lung_cz) if lesion.zone == "upper" else (z < lung_cz)
+        vol[lungs[lesion.side] & zone] = 40.0
+    for lesion in case.lesions if case.task != "side" else ():
         cx = _lung_center_x(lesion.side, anatomy) + rng.uniform(-0.02, 0.02)
         cy = lung_cy + rng.uniform(-0.05, 0.05)
         cz = lung_cz + (1 if lesion.zone == "upper" else -1) * 0.45 * lung_rz + rng.uniform(-0.02, 0.02)

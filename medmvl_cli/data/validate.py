@@ -327,14 +327,13 @@ def check_image_file(path: Path) -> list[Issue]:
 def placeholder_lengths_for(recipe) -> dict[str, int]:
     """Tokens one placeholder expands to with this recipe's model: {"<image>": n, "<image3d>": m}.
 
-    The counts come from the model side (each branch's `num_tokens`); until that is wired in,
-    this raises so that `--recipe` fails clearly instead of guessing.
-    """
-    raise ModelError(
-        "cannot tell how many tokens an <image> / <image3d> becomes for this recipe: "
-        "the model side's token counts are not available in this build",
-        hint="run `medmvl data validate` without --recipe for now",
-    )
+    Derived from the model itself (each branch's encoder + connector), so the model is built; for
+    a real checkpoint that means loading its weights once."""
+    from medmvl_cli.engine.stages import placeholder_lengths
+    from medmvl_cli.model.builder import build_model
+
+    model, _, _ = build_model(recipe, dtype="float32")
+    return placeholder_lengths(model)
 
 
 def tokenizer_for(recipe):

@@ -11,7 +11,10 @@ import atexit
 import logging
 import os
 import shutil
+import signal
 import tempfile
+import threading
+import time
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -21,17 +24,35 @@ from medmvl_cli.errors import RunError
 
 logger = logging.getLogger(__name__)
 
-TITLE = "medmvl · ask a model about an image or a CT volume"
-INSTRUCTIONS = """
+TITLE = "medmvl · ask a model about {what}"
+WHAT = {("image",): "a medical image", ("image3d",): "a CT volume"}
+FILES = {
+    "image": "a 2D image (PNG, JPEG, DICOM slice)",
+    "image3d": "a 3D volume (NIfTI, NRRD, MHA, .npy, or a .zip of one DICOM series)",
+}
+DISCLAIMER = ("Research software: answers come from an experimental model and may be wrong. "
+              "Not for diagnosis or patient care.")
+
+
+def _title(branches: tuple[str, ...]) -> str:
+    return TITLE.format(what=WHAT.get(branches, "an image or a CT volume"))
+
+
+def _instructions(branches: tuple[str, ...]) -> str:
+    """The three steps, for the inputs this model reads."""
+    files = " or ".join(FILES[b] for b in branches) or "a file"
+    review = ("in the viewer: for a volume, choose the plane and window and move the slice slider"
+              if "image3d" in branches else "in the viewer")
+    return f"""
 <ol class="medmvl-steps">
-<li><b>Upload</b> a 2D image (PNG, JPEG, DICOM slice) or a 3D volume (NIfTI, NRRD, MHA, .npy, or a .zip of one
-DICOM series) on the left.</li>
-<li><b>Review</b> it in the viewer: for a volume, choose the plane and window and move the slice slider.</li>
+<li><b>Upload</b> {files} on the left.</li>
+<li><b>Review</b> it {review}.</li>
 <li><b>Ask</b> on the right. Follow-up questions keep the conversation; a new file starts a new one.</li>
 </ol>
-<div class="medmvl-disclaimer">Research software: answers come from an experimental model and may be wrong.
-Not for diagnosis or patient care.</div>
+<div class="medmvl-disclaimer">{DISCLAIMER}</div>
 """
+
+
 CSS = """
 .medmvl-title h1 { font-size: 1.45rem; margin: 0 0 .2rem 0; }
 .medmvl-steps { font-size: .95rem; line-height: 1.5; margin: .2rem 0 0 1.2rem; padding: 0; }
@@ -103,8 +124,8 @@ def build_demo(handlers: DemoHandlers):
         session = gr.State(None, delete_callback=lambda s: s.close() if s is not None else None)
         with gr.Row(equal_height=False):
             with gr.Column(scale=7):
-                gr.Markdown(f"# {TITLE}", elem_classes=["medmvl-title"])
-                gr.HTML(INSTRUCTIONS)
+                gr.Markdown(f"# {_title(info.branches)}", elem_classes=["medmvl-title"])
+                gr.HTML(_instructions(info.branches))
             with gr.Column(scale=5):
                 gr.Markdown(info.markdown(), elem_id="model-card")
         with gr.Row(equal_height=False):
@@ -191,8 +212,21 @@ def launch(predictor: Any, host: str = "127.0.0.1", port: int = 7860,
         on_ready(local_url, share_url)
     if not block:
         return demo
+    _serve_until_stopped(demo)
+    return demo
+
+
+def _serve_until_stopped(demo) -> None:
+    """Wait for Ctrl+C or SIGTERM, then close the server (and let atexit remove the temporary files)."""
+    def stop(signum, frame):
+        raise KeyboardInterrupt
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, stop)
     try:
-        demo.block_thread()
+        while demo.is_running:
+            time.sleep(0.2)
+    except KeyboardInterrupt:
+        logger.info("stopping the demo")
     finally:
         demo.close()
-    return demo

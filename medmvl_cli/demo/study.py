@@ -115,34 +115,26 @@ def open_study(path: str | Path, branches: tuple[str, ...], max_bytes: int,
     wanted = "image3d" if kind == "zip" else kind
     if wanted not in branches:
         raise UploadError(_wrong_branch_message(name, wanted, branches), hint=_wrong_branch_hint(branches))
+    if path.name.lower().endswith(".mhd"):
+        raise UploadError(f"{name}: an .mhd header needs its data file beside it.",
+                          hint="Zip the .mhd with its .raw / .zraw file and upload the .zip, or use .mha / .nii.gz.")
+    workdir = Path(tempfile.mkdtemp(prefix="medmvl-demo-", dir=tmp_root)) if kind == "zip" else None
     try:
         if kind == "image":
             return _open_image(path, name, image_window)
-        workdir = None
-        if kind == "zip":
-            workdir = Path(tempfile.mkdtemp(prefix="medmvl-demo-", dir=tmp_root))
-            try:
-                volume_path = _unzip_series(path, name, workdir, max_bytes * UNZIPPED_FACTOR)
-            except BaseException:
-                shutil.rmtree(workdir, ignore_errors=True)
-                raise
-        else:
-            if path.name.lower().endswith(".mhd"):
-                raise UploadError(f"{name}: an .mhd header needs its data file beside it.",
-                                  hint="Zip the .mhd with its .raw / .zraw file and upload the .zip, or use .mha / .nii.gz.")
-            volume_path = path
-        try:
-            return _open_volume(volume_path, name, workdir)
-        except BaseException:
-            if workdir is not None:
-                shutil.rmtree(workdir, ignore_errors=True)
-            raise
-    except UploadError:
+        volume_path = path if workdir is None else _unzip_series(path, name, workdir, max_bytes * UNZIPPED_FACTOR)
+        return _open_volume(volume_path, name, workdir)
+    except BaseException as err:
+        if workdir is not None:
+            shutil.rmtree(workdir, ignore_errors=True)
+        if isinstance(err, MedmvlError) and not isinstance(err, UploadError):
+            # The readers name temporary paths and give annotation-file advice; say it the demo's way.
+            message = err.message.replace(str(path), name)
+            for folder in (workdir, path.parent):
+                if folder is not None:
+                    message = message.replace(str(folder) + "/", "").replace(str(folder), name)
+            raise UploadError(message, hint=ACCEPTED) from err
         raise
-    except MedmvlError as err:
-        # The readers name the temporary upload path and give annotation-file advice; say it the demo's way.
-        message = err.message.replace(str(path), name).replace(str(path.parent) + "/", "")
-        raise UploadError(message, hint=ACCEPTED) from err
 
 
 def _mb(n_bytes: int) -> str:

@@ -188,6 +188,7 @@ def train_stage(recipe: Recipe, *, resume: Optional[str] = None, overwrite: bool
         for callback in trainer.callback_handler.callbacks:
             if isinstance(callback, RichProgress):
                 callback.on_train_end(args, trainer.state, trainer.control)
+    verify_replicas(trainer)
     if trainer.skipped_records:
         logger.warning("skipped %d record(s) whose files failed to load: %s", len(trainer.skipped_records),
                        ", ".join(trainer.skipped_records[:20]))
@@ -196,6 +197,25 @@ def train_stage(recipe: Recipe, *, resume: Optional[str] = None, overwrite: bool
         logger.info("eval loss %.4f", metrics.get("eval_loss", float("nan")))
     save_final_model(trainer, run, tokenizer, image_processor, recipe)
     return run.root
+
+
+def verify_replicas(trainer) -> None:
+    """After data-parallel training every rank must hold the same weights; a mismatch is a bug, not noise."""
+    import torch
+    import torch.distributed as dist
+
+    if trainer.args.world_size <= 1 or trainer.is_deepspeed_enabled or not dist.is_initialized():
+        return
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    with torch.no_grad():
+        local = torch.stack([sum(p.double().sum() for p in model.parameters()),
+                             sum(p.double().square().sum() for p in model.parameters())])
+    gathered = [torch.zeros_like(local) for _ in range(trainer.args.world_size)]
+    dist.all_gather(gathered, local)
+    if any(not torch.equal(gathered[0], g) for g in gathered[1:]):
+        raise RunError(f"the {trainer.args.world_size} ranks ended with different weights ({gathered})",
+                       hint="report this as a bug with the recipe and the launch command")
+    logger.info("parameters agree on all %d ranks (checksum %.6f)", trainer.args.world_size, gathered[0][0].item())
 
 
 def component_learning_rates(model, recipe: Recipe) -> dict[int, float]:

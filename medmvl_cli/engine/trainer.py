@@ -101,25 +101,30 @@ class LVLMTrainer(Trainer):
 
     # ---------------------------------------------------------------------------- checkpoints
     def _save(self, output_dir=None, state_dict=None):
-        """Checkpoint weights: the exact state dict, loaded back strictly on resume."""
-        from safetensors.torch import save_model
+        """Checkpoint weights: the exact state dict, loaded back strictly on resume.
+
+        Tensors are copied out first: tied weights share storage and DeepSpeed keeps parameters as
+        views into flat buffers, neither of which safetensors stores as they are."""
+        from safetensors.torch import save_file
 
         output_dir = output_dir or self.args.output_dir
         if not self.args.should_save:
             return
         os.makedirs(output_dir, exist_ok=True)
-        save_model(self.accelerator.unwrap_model(self.model), os.path.join(output_dir, WEIGHTS))
+        weights = state_dict if state_dict is not None else self.accelerator.unwrap_model(self.model).state_dict()
+        weights = {k: (v.detach().cpu() if v.is_cuda else v.detach().clone()).contiguous() for k, v in weights.items()}
+        save_file(weights, os.path.join(output_dir, WEIGHTS), metadata={"format": "pt"})
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
         if self.is_deepspeed_enabled:
             return super()._load_from_checkpoint(resume_from_checkpoint, model)
-        from safetensors.torch import load_model
+        from safetensors.torch import load_file
 
         model = self.accelerator.unwrap_model(model if model is not None else self.model)
-        missing, unexpected = load_model(model, os.path.join(resume_from_checkpoint, WEIGHTS), strict=False)
-        if missing or unexpected:
+        result = model.load_state_dict(load_file(os.path.join(resume_from_checkpoint, WEIGHTS)), strict=False)
+        if result.missing_keys or result.unexpected_keys:
             raise RunError(f"checkpoint {resume_from_checkpoint} does not fit the model "
-                           f"(missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]})",
+                           f"(missing {sorted(result.missing_keys)[:5]}, unexpected {sorted(result.unexpected_keys)[:5]})",
                            hint="resume with the recipe the run was started with")
 
     def _save_checkpoint(self, model, trial):

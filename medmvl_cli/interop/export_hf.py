@@ -60,8 +60,11 @@ def llava_problems(model) -> list[str]:
         if connector.get("slice_mean"):
             problems.append("its connector averages over slices (slice_mean); LLaVA has no slices")
     llm = model.llm
-    if getattr(llm, "get_output_embeddings", lambda: None)() is None or not getattr(llm, "base_model_prefix", ""):
+    head = getattr(llm, "get_output_embeddings", lambda: None)()
+    if head is None or not getattr(llm, "base_model_prefix", ""):
         problems.append(f"its LLM ({type(llm).__name__}) has no base model + output head that LLaVA can hold")
+    elif getattr(head, "bias", None) is not None:
+        problems.append(f"its LLM's output head has a bias ({type(llm).__name__}, e.g. Phi-2); LLaVA's lm_head has none")
     return problems
 
 
@@ -107,13 +110,12 @@ def llava_config_dict(model, image_token_id: int) -> dict[str, Any]:
     return config.to_dict()
 
 
-def llava_state_dict(model, transformers4: bool = False) -> dict[str, torch.Tensor]:
-    """Our weights under LLaVA's on-disk names (5.x, or 4.x with `transformers4`)."""
+def llava_state_dict(model) -> dict[str, torch.Tensor]:
+    """Our weights under the on-disk names transformers 5.x's LLaVA writes."""
     llm = model.llm
     base = f"llm.{llm.base_model_prefix}."
     head = "llm." + next(name for name, module in llm.named_modules() if module is llm.get_output_embeddings()) + "."
     tied = bool(llm.config.tie_word_embeddings)
-    vision = "vision_tower.vision_model." if transformers4 else "vision_tower."
     projector = {"image_connector.mlp.0.": "multi_modal_projector.linear_1.",
                  "image_connector.mlp.2.": "multi_modal_projector.linear_2."}
     out: dict[str, torch.Tensor] = {}
@@ -126,7 +128,7 @@ def llava_state_dict(model, transformers4: bool = False) -> dict[str, torch.Tens
                 continue
             name = "language_model.lm_head." + key[len(head):]
         elif key.startswith("image_encoder.tower."):
-            name = vision + key[len("image_encoder.tower."):]
+            name = "vision_tower." + key[len("image_encoder.tower."):]
         else:
             prefix = next((p for p in projector if key.startswith(p)), None)
             if prefix is None:
@@ -168,6 +170,9 @@ def export_hf_llava(model_dir: Path, out: Path, *, overwrite: bool = False, tran
     check_output(Path(out), overwrite, looks_like_model_folder, "an exported model folder")  # before the slow load
     model, tokenizer, image_processor = load_model(model_dir, dtype=dtype or saved_dtype(model_dir), merge_lora=True)
     check_llava(model, model_dir)
+    if model.image_window():
+        logger.warning("the model windows DICOM images to %s before its processor; LLaVA's processor takes RGB "
+                       "images: window DICOM files the same way first", list(model.image_window()))
     image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
     if image_token_id != model.config.image_token_id:
         raise ModelError(
@@ -187,7 +192,7 @@ def export_hf_llava(model_dir: Path, out: Path, *, overwrite: bool = False, tran
     with staged_folder(out, overwrite, looks_like_model_folder, "an exported model folder") as staging:
         (staging / "config.json").write_text(json.dumps(llava_config_dict(model, image_token_id), indent=2) + "\n")
         GenerationConfig(**generation_config(tokenizer, template)).save_pretrained(staging)
-        write_weights(llava_state_dict(model, transformers4), staging)
+        write_weights(llava_state_dict(model), staging)
         processor.save_pretrained(staging)
         if transformers4:
             convert_folder_for_transformers4(staging)

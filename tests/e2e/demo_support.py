@@ -9,7 +9,6 @@ import shutil
 import socket
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -109,9 +108,16 @@ def free_port() -> int:
 class DemoServer:
     """`medmvl demo` in a subprocess; `url` is the address it prints on stdout."""
 
-    def __init__(self, model: Path, port: int, extra: tuple[str, ...] = (), timeout: float = 120):
-        env = dict(os.environ, HF_HUB_OFFLINE="1", GRADIO_ANALYTICS_ENABLED="False", PYTHONUNBUFFERED="1")
-        self.log = tempfile.NamedTemporaryFile("w+", prefix="medmvl-demo-", suffix=".log", delete=False)
+    def __init__(self, model: Path, port: int, workdir: Path, extra: tuple[str, ...] = (), timeout: float = 120):
+        # Its own TMPDIR: Gradio's upload cache and the demo's temporary folders land there, to be checked.
+        self.tmpdir = workdir / "tmp"
+        self.tmpdir.mkdir(parents=True, exist_ok=True)
+        env = dict(os.environ, HF_HUB_OFFLINE="1", GRADIO_ANALYTICS_ENABLED="False", PYTHONUNBUFFERED="1",
+                   TMPDIR=str(self.tmpdir))
+        env.pop("GRADIO_TEMP_DIR", None)
+        log = workdir / "stderr.log"
+        self.log_path = log
+        self.log = open(log, "w")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "medmvl_cli", "demo", "--model", str(model), "--port", str(port), *extra],
             stdout=subprocess.PIPE, stderr=self.log, text=True, env=env, cwd=model.parent,
@@ -135,9 +141,10 @@ class DemoServer:
 
     def stderr(self) -> str:
         self.log.flush()
-        return Path(self.log.name).read_text()[-4000:]
+        return self.log_path.read_text()[-4000:]
 
-    def stop(self) -> None:
+    def stop(self) -> int:
+        """SIGTERM (the demo closes its server and removes its temporary files), then the exit code."""
         if self.proc.poll() is None:
             self.proc.terminate()
             try:
@@ -145,6 +152,8 @@ class DemoServer:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+        self.log.close()
+        return self.proc.returncode
 
 
 def chrome(browser: str, driver: str, profile: Path):

@@ -42,9 +42,8 @@ def tiny_run(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def server(tiny_run):
-    pytest.importorskip("gradio", reason='the demo extra is not installed: pip install -e ".[demo]"')
-    demo = DemoServer(tiny_run, free_port())
+def server(tiny_run, tmp_path_factory):
+    demo = DemoServer(tiny_run, free_port(), tmp_path_factory.mktemp("demo-server"))
     yield demo
     demo.stop()
 
@@ -143,6 +142,11 @@ def test_upload_page_ask_and_read_the_answer_in_chromium(server, tiny_run, brows
     css("#clear").click()
     wait.until(lambda _: not browser.find_elements(By.CSS_SELECTOR, "#chat [data-testid='user']"))
     assert "3D volume" in text_of("study-status")
+
+    # Stopping the server (SIGTERM, as a service manager does) exits cleanly and removes the demo's files.
+    assert list(server.tmpdir.glob("medmvl-demo-*"))
+    assert server.stop() == 0, server.stderr()
+    assert not list(server.tmpdir.glob("medmvl-demo-*"))
 
 
 def _idle(browser) -> bool:

@@ -170,24 +170,27 @@ import torch
 from PIL import Image
 from transformers import AutoProcessor, LlavaForConditionalGeneration
 
-folder, image, prompt, max_new = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+folder, prompt, max_new, images = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4:]
 processor = AutoProcessor.from_pretrained(folder)
 model = LlavaForConditionalGeneration.from_pretrained(folder, dtype=torch.float32).eval()
 text = processor.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False)
-# The chat template already writes bos where the LLM wants one.
-inputs = processor(images=Image.open(image).convert("RGB"), text=text, add_special_tokens=False, return_tensors="pt")
-with torch.no_grad():
-    out = model.generate(**inputs, max_new_tokens=max_new, do_sample=False)
-    logits = model(**inputs).logits[0, -1]
+results = []
+for image in images:
+    # The chat template already writes bos where the LLM wants one.
+    inputs = processor(images=Image.open(image).convert("RGB"), text=text, add_special_tokens=False, return_tensors="pt")
+    with torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=max_new, do_sample=False)
+        logits = model(**inputs).logits[0, -1]
+    results.append({"prompt_ids": inputs["input_ids"][0].tolist(), "new_ids": out[0, inputs["input_ids"].shape[1]:].tolist(),
+                    "last_logits": logits.tolist()})
 loaded = sorted(m for m in sys.modules if m == "medmvl_cli" or m.startswith(("medmvl_cli.", "medmvl.")))
-print(json.dumps({"prompt_ids": inputs["input_ids"][0].tolist(), "new_ids": out[0, inputs["input_ids"].shape[1]:].tolist(),
-                  "last_logits": logits.tolist(), "medmvl_modules": loaded}))
+print(json.dumps({"results": results, "medmvl_modules": loaded}))
 """
 
 
-def transformers_side(folder: Path, image: Path, max_new: int, cwd: Path) -> dict:
+def transformers_side(folder: Path, images: list[Path], max_new: int, cwd: Path) -> dict:
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONPATH="")
-    done = subprocess.run([sys.executable, "-c", TRANSFORMERS_SIDE, str(folder), str(image), PROMPT, str(max_new)],
+    done = subprocess.run([sys.executable, "-c", TRANSFORMERS_SIDE, str(folder), PROMPT, str(max_new), *map(str, images)],
                           capture_output=True, text=True, cwd=cwd, env=env, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -212,55 +215,63 @@ def test_hf_llava_generates_what_medmvl_infer_does_without_medmvl_code(lora_run,
     out = tmp_path / "llava"
     result = runner.invoke(app, ["export", "--model", str(lora_run), "--out", str(out), "--format", "hf-llava"])
     assert result.exit_code == 0, result.output
-    for image in sample_images(synth_data)[:2]:
+    images = sample_images(synth_data)[:2]
+    theirs = transformers_side(out, images, 12, cwd=tmp_path)
+    assert theirs["medmvl_modules"] == []
+    for image, result in zip(images, theirs["results"]):
         ours = medmvl_side(lora_run / "model", image, 12)
-        theirs = transformers_side(out, image, 12, cwd=tmp_path)
-        assert theirs["medmvl_modules"] == []
-        assert theirs["prompt_ids"] == ours["prompt_ids"]  # template, <image> expansion, tokenizer
-        assert torch.allclose(torch.tensor(theirs["last_logits"]), ours["last_logits"], atol=1e-4)  # LoRA merged
+        assert result["prompt_ids"] == ours["prompt_ids"]  # template, <image> expansion, tokenizer
+        assert torch.allclose(torch.tensor(result["last_logits"]), ours["last_logits"], atol=1e-4)  # LoRA merged
         assert len(ours["new_ids"]) >= 4
-        assert theirs["new_ids"] == ours["new_ids"]
-        infer = runner.invoke(app, ["infer", "--model", str(lora_run), "--image", str(image), "--max-new-tokens", "12"])
-        assert infer.exit_code == 0, infer.output
-        text = ours["tokenizer"].decode(theirs["new_ids"], skip_special_tokens=True).strip()
-        assert infer.stdout.strip().endswith(text)
+        assert result["new_ids"] == ours["new_ids"]
+    infer = runner.invoke(app, ["infer", "--model", str(lora_run), "--image", str(images[0]), "--max-new-tokens", "12"])
+    assert infer.exit_code == 0, infer.output
+    text = ours["tokenizer"].decode(theirs["results"][0]["new_ids"], skip_special_tokens=True).strip()
+    assert text and infer.stdout.strip().endswith(text)
 
 
-def test_hf_llava_of_a_siglip_llama_model_has_the_layout_transformers_saves(tmp_path, synth_data):
+@pytest.mark.parametrize("encoder, llm, feature, strategy, extra_tokens, stop", [
+    ("siglip", "tiny-llama", "patch", "full", 0, "<|eot_id|>"),  # SigLIP: every token is a patch
+    ("clip", "tiny-phi3", "cls_patch", "full", 1, "<|end|>"),  # CLIP with its CLS token kept
+])
+def test_hf_llava_has_the_layout_transformers_saves(tmp_path, synth_data, encoder, llm, feature, strategy,
+                                                    extra_tokens, stop):
     from transformers import AutoProcessor, LlavaConfig, LlavaForConditionalGeneration
 
     from medmvl_cli.interop.export_hf import export_hf_llava
 
-    source = model_folder(tmp_path, SIGLIP_LLAMA)
+    text = SIGLIP_LLAMA.replace("siglip", encoder).replace("tiny-llama", llm).replace("select_feature: patch",
+                                                                                       f"select_feature: {feature}")
+    source = model_folder(tmp_path, text)
     out = export_hf_llava(source, tmp_path / "llava")
     config = json.loads((out / "config.json").read_text())
     ours = load_model(source)[0]
-    assert config["vision_feature_select_strategy"] == "full"  # SigLIP: every token is a patch
+    assert config["vision_feature_select_strategy"] == strategy
     assert config["vision_feature_layer"] == -2
     assert config["image_token_index"] == ours.config.image_token_id
-    assert config["image_seq_length"] == ours.num_tokens("image") == 16
+    assert config["image_seq_length"] == ours.num_tokens("image") == 16 + extra_tokens
     # What transformers itself writes for this config, key for key and shape for shape.
     reference = tmp_path / "reference"
     LlavaForConditionalGeneration(LlavaConfig.from_pretrained(out)).save_pretrained(reference)
     with safe_open(str(out / "model.safetensors"), "pt") as a, safe_open(str(reference / "model.safetensors"), "pt") as b:
         assert sorted(a.keys()) == sorted(b.keys())
         assert all(a.get_slice(k).get_shape() == b.get_slice(k).get_shape() for k in a.keys())
-        assert "language_model.lm_head.weight" in a.keys()  # tiny-llama does not tie its head
+        assert "language_model.lm_head.weight" in a.keys()  # neither LLM ties its head
     llava, info = LlavaForConditionalGeneration.from_pretrained(out, output_loading_info=True)
     assert not any(info.values()), info
     processor = AutoProcessor.from_pretrained(out)
-    assert (processor.patch_size, processor.num_additional_image_tokens) == (8, 0)
+    assert (processor.patch_size, processor.num_additional_image_tokens) == (8, extra_tokens)
     assert processor.tokenizer.convert_tokens_to_ids("<image>") == ours.config.image_token_id
     generation = json.loads((out / "generation_config.json").read_text())
-    eot = processor.tokenizer.convert_tokens_to_ids("<|eot_id|>")
-    assert eot in generation["eos_token_id"]
+    assert processor.tokenizer.convert_tokens_to_ids(stop) in generation["eos_token_id"]
     # Same logits as the medmvl model, through LLaVA's own processor (llama3: bos from the template).
     from PIL import Image
 
     image = sample_images(synth_data)[0]
     text = processor.apply_chat_template([{"role": "user", "content": PROMPT}], add_generation_prompt=True, tokenize=False)
     inputs = processor(images=Image.open(image).convert("RGB"), text=text, add_special_tokens=False, return_tensors="pt")
-    assert inputs["input_ids"][0, 0].item() == processor.tokenizer.bos_token_id
+    assert (inputs["input_ids"][0, 0].item() == processor.tokenizer.bos_token_id) == (llm == "tiny-llama")
+    assert (inputs["input_ids"] == ours.config.image_token_id).sum() == ours.num_tokens("image")
     tokenizer, image_processor = load_model(source)[1:]
     with torch.no_grad():
         theirs = llava.eval()(**inputs).logits[0]
@@ -354,6 +365,7 @@ def test_transformers4_text_config_keeps_rope_settings():
     (RECIPE_3D, ["3D branch", "no 2D branch"]),
     (SIGLIP_LLAMA.replace("depth: 2", "depth: 3"), ["depth 3"]),
     (SIGLIP_LLAMA.replace("gelu", "relu"), ["relu"]),
+    (SIGLIP_LLAMA.replace("tiny-llama", "tiny-phi"), ["output head has a bias"]),
     (SIGLIP_LLAMA.replace("{type: mlp, depth: 2, activation: gelu}", "{type: spatial_pooling, pool: 2}"),
      ["'spatial_pooling'"]),
     (SIGLIP_LLAMA.replace("{type: mlp, depth: 2, activation: gelu}", "{type: attention_pooling, heads: 4}")
@@ -361,7 +373,7 @@ def test_transformers4_text_config_keeps_rope_settings():
     encoder: {type: slices, base: siglip, preset: tiny, num_slices: 2}
     connector: {type: attention_pooling, heads: 4, slice_mean: true}
     volume: {size: [2, 32, 32]}
-""", ["'attention_pooling'", "3D branch, a slices encoder"]),
+""", ["'attention_pooling'", "3D branch (model.image3d, a slices encoder)"]),
 ])
 def test_hf_llava_refuses_stacks_that_are_not_llava(tmp_path, synth_data, text, reasons):
     source = model_folder(tmp_path, text.replace("{data}", str(synth_data)).replace("{{", "{").replace("}}", "}"))

@@ -166,6 +166,35 @@ def test_zip_of_a_dicom_series_is_read_as_a_volume_and_cleaned_up(tmp_path):
     assert not study.path.exists()
 
 
+def test_zip_of_an_mhd_with_its_raw_file_is_read(tmp_path):
+    import SimpleITK as sitk
+
+    image = sitk.GetImageFromArray(np.zeros((6, 8, 10), dtype=np.int16))
+    image.SetSpacing((0.5, 0.5, 2.0))
+    sitk.WriteImage(image, str(tmp_path / "ct.mhd"))
+    archive = tmp_path / "ct.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        for file in tmp_path.glob("ct.*"):
+            if file.suffix != ".zip":
+                zf.write(file, file.name)
+    view = DemoHandlers(FakePredictor(), tmp_root=tmp_path).upload(archive, None)
+    assert view.ok and view.session.study.volume.shape == (6, 8, 10), view.status
+    assert view.session.study.path.name == "ct.mhd"
+    lone = DemoHandlers(FakePredictor()).upload(tmp_path / "ct.mhd", None)
+    assert not lone.ok and "Zip the .mhd" in lone.status
+
+
+def test_zip_with_two_series_folders_is_refused_and_removed(tmp_path):
+    archive = tmp_path / "study.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        for folder in ("series1", "series2"):
+            for file in sorted(CT_SERIES.iterdir())[:2]:
+                zf.write(file, f"{folder}/{file.name}")
+    view = DemoHandlers(FakePredictor(), tmp_root=tmp_path).upload(archive, None)
+    assert not view.ok and "2 folders" in view.status and "series1" in view.status, view.status
+    assert not list(tmp_path.glob("medmvl-demo-*"))
+
+
 def test_viewer_controls_draw_the_chosen_plane_slice_and_window(nifti):
     handlers = DemoHandlers(FakePredictor())
     session = handlers.upload(nifti, None).session
@@ -328,7 +357,10 @@ def test_the_page_builds_for_every_kind_of_model(branches):
     from medmvl_cli.demo.app import build_demo
 
     demo = build_demo(DemoHandlers(FakePredictor(branches)))
-    ids = {c.get("props", {}).get("elem_id") for c in demo.get_config_file()["components"]}
+    components = demo.get_config_file()["components"]
+    ids = {c.get("props", {}).get("elem_id") for c in components}
+    page_text = " ".join(str(c.get("props", {}).get("value", "")) for c in components)
+    assert ("NIfTI" in page_text) == ("image3d" in branches) and ("PNG" in page_text) == ("image" in branches)
     assert {"upload", "viewer", "slice", "plane", "window", "chat", "question", "ask", "clear", "model-card"} <= ids
     # Both ways of asking (Enter, the Ask button) share one concurrency group of size 1: one model, one answer at a time.
     asking = [fn for fn in demo.fns.values() if fn.name == "on_ask"]

@@ -1,0 +1,59 @@
+"""Data-parallel training on 2 CPU ranks (gloo) and DeepSpeed ZeRO-2, launched by medmvl itself."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.e2e.conftest import read_metrics
+
+pytestmark = pytest.mark.slow
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def medmvl(*args: str, timeout: int = 900) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    result = subprocess.run([sys.executable, "-m", "medmvl_cli", *args], capture_output=True, text=True,
+                            env=env, timeout=timeout)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
+    return result
+
+
+COMMON = ["-q", "train.max_steps=3", "train.save_steps=100", "train.logging_steps=1", "data.group_by_length=false"]
+
+
+def test_ddp_two_ranks_match_one_rank_with_the_doubled_batch(recipe_2d, tmp_path):
+    medmvl("finetune", str(recipe_2d), *COMMON, "output_dir=runs/single", "train.batch_size=4")
+    ddp = medmvl("finetune", str(recipe_2d), *COMMON, "output_dir=runs/ddp", "train.batch_size=2",
+                 "--nproc-per-node", "2", "--master-port", str(free_port()))
+    assert "parameters agree on all 2 ranks" in ddp.stderr
+    single, double = read_metrics(tmp_path / "runs" / "single"), read_metrics(tmp_path / "runs" / "ddp")
+    assert sorted(single) == sorted(double) == [1, 2, 3]
+    for step in single:
+        assert abs(single[step] - double[step]) < 1e-4, (step, single[step], double[step])
+    a = load_file(tmp_path / "runs" / "single" / "model" / "model.safetensors")
+    b = load_file(tmp_path / "runs" / "ddp" / "model" / "model.safetensors")
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.allclose(a[key], b[key], atol=1e-4), key
+
+
+def test_deepspeed_zero2_on_two_ranks_trains_and_saves_a_model_infer_loads(recipe_2d, synth_data, tmp_path):
+    medmvl("finetune", str(recipe_2d), *COMMON, "output_dir=runs/zero2", "train.batch_size=2",
+           "distributed.deepspeed=zero2", "--nproc-per-node", "2", "--master-port", str(free_port()), timeout=1200)
+    run = tmp_path / "runs" / "zero2"
+    assert (run / "FINISHED").is_file() and sorted(read_metrics(run)) == [1, 2, 3]
+    answer = medmvl("infer", "--model", str(run), "--image", str(synth_data / "images" / "test-00000.png"),
+                    "--max-new-tokens", "3")
+    assert answer.stdout.strip() != ""
