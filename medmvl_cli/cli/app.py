@@ -8,6 +8,7 @@ function. Heavy libraries (torch, transformers, monai) are imported inside comma
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from typing import Annotated, Optional
 
@@ -60,6 +61,9 @@ def root(
 ) -> None:
     """medmvl: medical LVLMs from YAML recipes, on one CPU or many GPUs."""
     _state["debug"] = debug
+    if not debug:
+        # Our own rich progress bars report long work; the libraries' tqdm bars only add noise.
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     logging.basicConfig(
         level=logging.DEBUG if debug else logging.INFO,
         format="%(levelname)s %(name)s: %(message)s",

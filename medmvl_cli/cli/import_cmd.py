@@ -28,11 +28,9 @@ def medm_vl(
     allow_approximate: Annotated[bool, typer.Option("--allow-approximate", help="Import settings medmvl can only approximate (SigLIP select_feature patch) instead of refusing.")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing run folder at --out.")] = False,
 ) -> None:
-    """A MedM-VL checkpoint folder (what its LVLMForConditionalGeneration.save_pretrained writes) ->
-    a medmvl run folder that `medmvl infer`, `demo`, `export` and `init_from` take.
+    """A MedM-VL checkpoint folder -> a medmvl run folder (for infer, demo, export, init_from).
 
-    The run keeps MedM-VL's prompt format (medmvl-<llm> templates) and preprocessing, and gives
-    the logits MedM-VL's own code gives (docs/interop.md lists the mapping).
+    The run keeps MedM-VL's prompt format and preprocessing and gives its logits (docs/interop.md).
 
     Examples:
       medmvl import medm-vl ckpts/MedM-VL-CT-Chest-3B-en --out runs/medmvl-ct --llm ckpts/Qwen2.5-3B-Instruct --image-encoder ckpts/siglip-base-patch16-256-multilingual

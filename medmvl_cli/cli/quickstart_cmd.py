@@ -15,8 +15,10 @@ def quickstart(
     overrides: Annotated[Optional[list[str]], typer.Argument(help="Recipe overrides, e.g. train.epochs=10.", show_default=False)] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
 ) -> None:
-    """Generate a synthetic dataset (if missing), train tiny models on the CPU, answer the held-out split
-    and print the accuracy against chance.
+    """Train tiny models on synthetic data and print held-out accuracy against chance.
+
+    Generates the synthetic dataset if it is missing, trains on the CPU in minutes, answers the
+    held-out split.
 
     Example: medmvl quickstart --kind 3d
     """

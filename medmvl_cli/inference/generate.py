@@ -2,7 +2,8 @@
 `medmvl infer` (single and batch), the quickstart and the demo.
 
 Prompts go through the same chat template and placeholder expansion as training, with the
-generation prompt appended. Batches are left-padded. A volume's encoder features are computed
+generation prompt appended. Batches are left-padded, so every row's last prompt token sits at the
+same position and generation starts for all rows at once. A volume's encoder features are computed
 once and reused for every question about it (CT-RATE files ask 3-5 questions per volume).
 """
 
@@ -19,23 +20,36 @@ from medmvl_cli.errors import RunError
 
 logger = logging.getLogger(__name__)
 
+MODEL_ENV = "MEDMVL_MODEL"
+RUNS_DIR = Path("runs")
+GET_A_MODEL = (
+    "train one (`medmvl quickstart`, or `medmvl finetune recipes/quickstart/tiny-2d.yaml`), import one "
+    "(`medmvl import medm-vl SRC --out runs/NAME`), then pass --model runs/NAME or set MEDMVL_MODEL"
+)
+
 
 @dataclass
 class GenerationSettings:
+    """Decoding settings shared by single and batch inference; greedy unless temperature > 0."""
+
     max_new_tokens: int = 128
     temperature: float = 0.0
     top_p: float = 1.0
     num_beams: int = 1
 
+    @property
+    def sampling(self) -> bool:
+        return self.temperature > 0
+
     def kwargs(self, pad_token_id: int, stop_token_ids: list[int]) -> dict:
-        sampling = self.temperature > 0
         out = {
-            "max_new_tokens": self.max_new_tokens, "num_beams": self.num_beams, "do_sample": sampling,
+            "max_new_tokens": self.max_new_tokens, "num_beams": self.num_beams, "do_sample": self.sampling,
             "pad_token_id": pad_token_id, "eos_token_id": stop_token_ids,
         }
-        if sampling:
-            out.update(temperature=self.temperature, top_p=self.top_p)
+        if self.sampling:
+            out.update(temperature=self.temperature, top_p=self.top_p, top_k=None)
         else:
+            # None, not the model's generation_config values: greedy must not warn or sample.
             out.update(temperature=None, top_p=None, top_k=None)
         return out
 
@@ -49,33 +63,57 @@ class Request:
     volumes: list[Path] = field(default_factory=list)
 
 
-def resolve_model_dir(model: Optional[str]) -> Path:
-    """--model, else $MEDMVL_MODEL, else the newest finished run under ./runs; a run folder or its model/."""
+def choose_model(model: Optional[str]) -> tuple[Path, str]:
+    """(model folder, why it was chosen): --model, else $MEDMVL_MODEL, else the newest finished run
+    under ./runs. `model` may name a run folder or a model folder (`runs/NAME/model`, an export)."""
     from medmvl_cli.engine.run_folder import newest_finished_run
 
-    chosen = model or os.environ.get("MEDMVL_MODEL")
-    if chosen is None:
-        run = newest_finished_run(Path("runs"))
+    env = os.environ.get(MODEL_ENV, "").strip()
+    if model:
+        chosen, origin, how = model, f"--model {model}", "--model"
+    elif env:
+        chosen, origin, how = env, f"${MODEL_ENV}={env}", f"from ${MODEL_ENV}"
+    else:
+        run = newest_finished_run(RUNS_DIR)
         if run is None:
-            raise RunError(
-                "no model given and no finished run under ./runs",
-                hint="train one (`medmvl finetune recipes/quickstart/tiny-2d.yaml`), import one "
-                     "(`medmvl import medm-vl SRC --out runs/NAME`), or pass --model / set MEDMVL_MODEL",
-            )
-        chosen = str(run)
-    path = Path(chosen)
+            raise RunError(f"no model: no --model, no ${MODEL_ENV}, and no finished run under ./{RUNS_DIR}"
+                           + _unfinished_note(), hint=GET_A_MODEL)
+        chosen, origin, how = str(run), str(run), f"the newest finished run under ./{RUNS_DIR}"
+    path = Path(chosen).expanduser()
     if (path / "model" / "config.json").is_file():
-        return path / "model"
+        return path / "model", how
     if (path / "config.json").is_file():
-        return path
-    raise RunError(f"--model {chosen}: neither a run folder with model/ nor a model folder",
-                   hint="point --model at runs/NAME (a finished run) or at a folder written by `medmvl export`")
+        return path, how
+    what = "does not exist" if not path.exists() else "is neither a run folder with model/ nor a model folder"
+    raise RunError(f"{origin}: {path} {what}",
+                   hint="point it at runs/NAME (a run) or a folder written by `medmvl export`; to get a model, "
+                        + GET_A_MODEL)
+
+
+def _unfinished_note() -> str:
+    if not RUNS_DIR.is_dir():
+        return ""
+    unfinished = sorted(p.name for p in RUNS_DIR.iterdir() if p.is_dir() and not (p / "FINISHED").is_file())
+    if not unfinished:
+        return ""
+    return (f" ({', '.join(unfinished[:3])}{' ...' if len(unfinished) > 3 else ''} did not finish; "
+            "resume with --resume auto, or pass --model to use its model/ anyway)")
+
+
+def resolve_model_dir(model: Optional[str]) -> Path:
+    """--model, else $MEDMVL_MODEL, else the newest finished run under ./runs; a run folder or its model/."""
+    return choose_model(model)[0]
 
 
 class Predictor:
-    """A loaded model with its tokenizer, template and preprocessing."""
+    """A loaded model with its tokenizer, template and preprocessing.
 
-    def __init__(self, model_dir: Path, feature_cache_size: int = 64):
+    A LoRA adapter is merged into the LLM at load (as LLaVA's loader does): the answers are the
+    adapter's, decoding is as fast as the plain model's. `volumes_encoded` and `cache_hits` count
+    volume encoder runs and reuses of cached features.
+    """
+
+    def __init__(self, model_dir: Path, feature_cache_size: int = 64, device: Optional[str] = None):
         import torch
 
         from medmvl_cli.config.schema import VolumeConfig
@@ -85,10 +123,14 @@ class Predictor:
         from medmvl_cli.model.builder import load_model
 
         self.model_dir = Path(model_dir)
-        self.model, self.tokenizer, image_processor = load_model(self.model_dir)
-        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.model, self.tokenizer, image_processor = load_model(self.model_dir, merge_lora=True)
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.model.to(self.device).eval()
         self.template = get_template(self.model.config.template)
+        self.stop_token_ids = self.template.stop_token_ids(self.tokenizer)
+        # Llama-style tokenizers have no pad token; any id does, the attention mask hides it.
+        pad = self.tokenizer.pad_token_id
+        self.pad_token_id = pad if pad is not None else (self.stop_token_ids or [0])[0]
         config = self.model.config
         self.media = MediaLoader(
             image_processor=image_processor,
@@ -100,6 +142,7 @@ class Predictor:
         self._volume_features: OrderedDict = OrderedDict()
         self._cache_size = feature_cache_size
         self.cache_hits = 0
+        self.volumes_encoded = 0
 
     @property
     def name(self) -> str:
@@ -109,24 +152,34 @@ class Predictor:
         return self.template.encode(self.tokenizer, messages, self.placeholder_lengths,
                                     add_generation_prompt=True).input_ids
 
+    def clear_feature_cache(self) -> None:
+        self._volume_features.clear()
+
     def _volume_embeds(self, paths: Sequence[Path]):
-        """Connector outputs for each volume, computed once per file while it stays in the cache."""
+        """(len(paths), tokens, llm_width) connector outputs; the volumes not in the cache are
+        read and encoded together, once each, and kept while they stay among the recent ones."""
         import torch
 
+        keys = [str(Path(p).resolve()) for p in paths]
+        missing = list(dict.fromkeys(k for k in keys if k not in self._volume_features))
+        fresh = {}
+        if missing:
+            path_of = dict(zip(keys, paths))
+            volumes = self.media.volumes([path_of[k] for k in missing]).to(self.device, self.model.dtype)
+            with torch.no_grad():
+                features = self.model.encode_volumes(volumes)
+            self.volumes_encoded += len(missing)
+            fresh = {k: features[i:i + 1] for i, k in enumerate(missing)}
+        self.cache_hits += len(keys) - len(missing)
         out = []
-        for path in paths:
-            key = str(Path(path).resolve())
-            if key in self._volume_features:
-                self._volume_features.move_to_end(key)
-                self.cache_hits += 1
-            else:
-                volume = self.media.volumes([path]).to(self.device, self.model.dtype)
-                with torch.no_grad():
-                    self._volume_features[key] = self.model.encode_volumes(volume)
-                if len(self._volume_features) > self._cache_size:
-                    self._volume_features.popitem(last=False)
+        for key in keys:
+            if key in fresh:
+                self._volume_features[key] = fresh[key]
+            self._volume_features.move_to_end(key)
             out.append(self._volume_features[key])
-        return torch.cat(out) if out else None
+        while len(self._volume_features) > self._cache_size:
+            self._volume_features.popitem(last=False)
+        return torch.cat(out)
 
     def generate(self, requests: Sequence[Request], settings: GenerationSettings,
                  streamer=None, use_feature_cache: bool = True) -> list[str]:
@@ -135,8 +188,7 @@ class Predictor:
 
         prompts = [self.prompt_ids(r.messages) for r in requests]
         longest = max(len(p) for p in prompts)
-        pad = self.tokenizer.pad_token_id
-        input_ids = torch.full((len(prompts), longest), pad, dtype=torch.long)
+        input_ids = torch.full((len(prompts), longest), self.pad_token_id, dtype=torch.long)
         attention_mask = torch.zeros_like(input_ids)
         for row, prompt in enumerate(prompts):
             input_ids[row, longest - len(prompt):] = torch.tensor(prompt)
@@ -151,20 +203,32 @@ class Predictor:
                 extra["volume_embeds"] = self._volume_embeds(volumes)
             else:
                 extra["volumes"] = self.media.volumes(volumes).to(self.device, self.model.dtype)
+                self.volumes_encoded += len(volumes)
         with torch.no_grad():
             output = self.model.generate(
                 input_ids=input_ids.to(self.device), attention_mask=attention_mask.to(self.device),
-                streamer=streamer, **extra,
-                **settings.kwargs(self.tokenizer.pad_token_id, self.template.stop_token_ids(self.tokenizer)),
+                streamer=streamer, **extra, **settings.kwargs(self.pad_token_id, self.stop_token_ids),
             )
         return [self.tokenizer.decode(row, skip_special_tokens=True).strip() for row in output]
 
     def stream(self, request: Request, settings: GenerationSettings, on_text: Callable[[str], None]) -> str:
-        """Generate one answer, calling `on_text` with each new piece of text as it is produced."""
+        """Generate one answer, calling `on_text` with each new piece of text as it is produced
+        (word by word; beam search only knows its answer at the end: one piece then)."""
+        if settings.num_beams > 1:
+            answer = self.generate([request], settings)[0]
+            if answer:
+                on_text(answer)
+            return answer
         from transformers import TextStreamer
+
+        started = False
 
         class _Streamer(TextStreamer):
             def on_finalized_text(self, text: str, stream_end: bool = False):
+                nonlocal started
+                if not started:  # the final answer is stripped: so is what is shown
+                    text = text.lstrip()
+                    started = bool(text)
                 if text:
                     on_text(text)
 

@@ -1,9 +1,14 @@
 """`medmvl infer --data ... --out P.jsonl`: every record asked, rows written as each batch ends.
 
 Records ending on a human turn are asked as they are; records ending on an assistant turn are
-asked their last question, that answer becoming the reference. Rows already in the output file
-are skipped (resume); a record whose file fails to load gets a row with an `error` and the run
-goes on.
+asked their last question, the earlier turns kept as the conversation so far. The reference is the
+record's `answer` when it has one, else that final assistant turn.
+
+Questions are ordered so that batches waste little padding and a volume's questions sit next to
+each other (its features are computed once): grouped by volume, groups by length. Each batch's rows
+are appended and flushed together; rows already in the output file are skipped (resume), a torn
+last line left by a killed run is dropped first. A record whose file fails to load gets a row with
+an `error` and the run goes on.
 """
 
 from __future__ import annotations
@@ -11,15 +16,26 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
-from medmvl_cli.data.annotations import AnnotationFile, Record, default_root, parse_record, resolve_media_path
-from medmvl_cli.errors import DataError, MedmvlError
+from medmvl_cli.data.annotations import (
+    IMAGE_PLACEHOLDER,
+    VOLUME_PLACEHOLDER,
+    AnnotationFile,
+    Record,
+    default_root,
+    parse_record,
+    resolve_media_path,
+)
+from medmvl_cli.errors import DataError, MedmvlError, RunError
 from medmvl_cli.inference.generate import GenerationSettings, Predictor, Request
 
 logger = logging.getLogger(__name__)
+
+ROW_KEYS = ("id", "prompt", "prediction", "answer", "question_type", "image", "image3d", "model")
 
 
 @dataclass
@@ -37,7 +53,8 @@ def to_question(record: Record, image_root, volume_root) -> Question:
         reference = reference if reference is not None else messages[-1]["content"]
         messages = messages[:-1]
     if not messages or messages[-1]["role"] != "user":
-        raise DataError(f"{record.source.describe(record.id)}: nothing to ask (no human turn)")
+        raise DataError(f"{record.source.describe(record.id)}: nothing to ask (no human turn)",
+                        hint="end the record on the human question, or on the gpt answer to it")
     request = Request(
         messages=messages,
         images=[resolve_media_path(p, image_root) for p in record.images],
@@ -46,16 +63,109 @@ def to_question(record: Record, image_root, volume_root) -> Question:
     return Question(record, request, reference, messages[-1]["content"])
 
 
-def done_ids(out: Path) -> set[str]:
-    """Ids already answered in an output file (a torn last line from a crash is ignored)."""
-    ids = set()
-    if out.is_file():
-        for line in out.read_text(encoding="utf-8").splitlines():
-            try:
-                ids.add(json.loads(line)["id"])
-            except (ValueError, KeyError, TypeError):
-                continue
+def _prepare_output(out: Path, annotations: Path, model_name: str, overwrite: bool) -> set[str]:
+    """Make `out` ready to append to; returns the ids it already answers."""
+    if out.exists() and out.resolve() == annotations.resolve():
+        raise RunError(f"--out {out} is the annotation file itself", hint="write the predictions to another file")
+    if out.is_dir():
+        raise RunError(f"--out {out} is a folder", hint="give a file path, e.g. predictions.jsonl")
+    if overwrite:
+        out.unlink(missing_ok=True)
+    if not out.is_file():
+        return set()
+    _drop_torn_tail(out)
+    ids, models = set(), Counter()
+    for number, line in enumerate(out.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            ids.add(str(row["id"]))
+            models[row.get("model")] += 1
+        except (ValueError, KeyError, TypeError):
+            raise RunError(f"{out}: line {number} is not a prediction row, so the file cannot be resumed",
+                           hint="pass --overwrite to start it over, or choose another --out") from None
+    others = [m for m in models if m != model_name]
+    if others:
+        raise RunError(f"{out} holds {sum(models[m] for m in others)} row(s) of model {others[0]!r}, "
+                       f"not {model_name!r}: resuming would mix two models' answers",
+                       hint="pass --overwrite to start it over, or choose another --out")
     return ids
+
+
+def _drop_torn_tail(out: Path) -> None:
+    """A run killed while writing may leave half a line: cut the file back to its last full line."""
+    with out.open("rb+") as fh:
+        data = fh.read()
+        if not data or data.endswith(b"\n"):
+            return
+        keep = data.rfind(b"\n") + 1
+        fh.truncate(keep)
+    logger.warning("%s: dropped an incomplete last line (%d bytes) left by an interrupted run", out, len(data) - keep)
+
+
+def _order(questions: list[Question], placeholder_lengths: dict[str, int]) -> list[Question]:
+    """Questions about the same volumes together (their features are computed once), groups and
+    the questions within them by estimated prompt length (less padding in a batch)."""
+
+    def length(q: Question) -> int:
+        text = "".join(m["content"] for m in q.request.messages)
+        media = sum(text.count(ph) * placeholder_lengths.get(ph, 0) for ph in (IMAGE_PLACEHOLDER, VOLUME_PLACEHOLDER))
+        return len(text) // 4 + media  # ~4 characters a token: good enough to order by
+
+    lengths = {id(q): length(q) for q in questions}
+
+    def group(q: Question) -> tuple:
+        return tuple(str(p) for p in q.request.volumes) or ("", id(q))
+
+    longest: dict[tuple, int] = {}
+    for q in questions:
+        longest[group(q)] = max(longest.get(group(q), 0), lengths[id(q)])
+    return sorted(questions, key=lambda q: (longest[group(q)], str(group(q)), lengths[id(q)]))
+
+
+def predict_file(
+    predictor: Predictor, annotations: Path, out: Path, settings: GenerationSettings, *,
+    image_root=None, volume_root=None, batch_size: int = 8, overwrite: bool = False,
+    use_feature_cache: bool = True, on_progress: Optional[Callable[[int, int], None]] = None,
+) -> dict:
+    """Answer every record of `annotations` into `out`; returns counts {asked, skipped, errors}."""
+    annotations, out = Path(annotations), Path(out)
+    image_root = default_root(annotations, image_root)
+    volume_root = default_root(annotations, volume_root)
+    file = AnnotationFile(annotations)
+    answered = _prepare_output(out, annotations, predictor.name, overwrite)
+    questions, skipped, seen = [], 0, Counter()
+    for raw in file:
+        record = parse_record(raw)
+        seen[record.id] += 1
+        if record.id in answered:
+            skipped += 1
+        else:
+            questions.append(to_question(record, image_root, volume_root))
+    repeated = [i for i, n in seen.items() if n > 1]
+    if repeated:
+        logger.warning("%s: %d id(s) occur more than once (%s): rows cannot be told apart, and a resumed "
+                       "run skips every record of an id already answered", annotations, len(repeated),
+                       ", ".join(map(repr, repeated[:3])))
+    questions = _order(questions, predictor.placeholder_lengths)
+    counts = {"asked": 0, "skipped": skipped, "errors": 0}
+    if on_progress:
+        on_progress(0, len(questions))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with out.open("a", encoding="utf-8") as sink:
+        for start in range(0, len(questions), batch_size):
+            batch = questions[start:start + batch_size]
+            rows = _answer(predictor, batch, settings, use_feature_cache)
+            # One write per batch, then to disk: a kill loses at most the batch being generated.
+            sink.write("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
+            sink.flush()
+            os.fsync(sink.fileno())
+            counts["errors"] += sum("error" in row for row in rows)
+            counts["asked"] += len(batch)
+            if on_progress:
+                on_progress(counts["asked"], len(questions))
+    return counts
 
 
 def _row(question: Question, model_name: str, prediction: Optional[str] = None, error: Optional[str] = None) -> dict:
@@ -70,47 +180,13 @@ def _row(question: Question, model_name: str, prediction: Optional[str] = None, 
     return row
 
 
-def predict_file(
-    predictor: Predictor, annotations: Path, out: Path, settings: GenerationSettings, *,
-    image_root=None, volume_root=None, batch_size: int = 8, overwrite: bool = False,
-    use_feature_cache: bool = True, on_progress: Optional[Callable[[int, int], None]] = None,
-) -> dict:
-    """Answer every record of `annotations` into `out`; returns counts {asked, skipped, errors}."""
-    image_root = default_root(annotations, image_root)
-    volume_root = default_root(annotations, volume_root)
-    if overwrite:
-        out.unlink(missing_ok=True)
-    answered = done_ids(out)
-    questions = []
-    for raw in AnnotationFile(annotations):
-        record = parse_record(raw)
-        if record.id not in answered:
-            questions.append(to_question(record, image_root, volume_root))
-    # Shared volumes next to each other (their features are reused), then by prompt length.
-    questions.sort(key=lambda q: (str(q.request.volumes[:1]), len(q.prompt)))
-    counts = {"asked": 0, "skipped": len(answered), "errors": 0}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with out.open("a", encoding="utf-8") as sink:
-        for start in range(0, len(questions), batch_size):
-            batch = questions[start:start + batch_size]
-            rows = _answer(predictor, batch, settings, use_feature_cache)
-            for row in rows:
-                sink.write(json.dumps(row, ensure_ascii=False) + "\n")
-                counts["errors"] += "error" in row
-            sink.flush()
-            os.fsync(sink.fileno())
-            counts["asked"] += len(batch)
-            if on_progress:
-                on_progress(counts["asked"], len(questions))
-    return counts
-
-
 def _answer(predictor: Predictor, batch: list[Question], settings, use_feature_cache) -> list[dict]:
     try:
         answers = predictor.generate([q.request for q in batch], settings, use_feature_cache=use_feature_cache)
         return [_row(q, predictor.name, a) for q, a in zip(batch, answers)]
-    except MedmvlError:
-        pass
+    except MedmvlError as err:
+        if len(batch) == 1:
+            return [_failed(predictor, batch[0], err)]
     # A record failed to load: answer one by one, so only that record carries the error.
     rows = []
     for question in batch:
@@ -118,6 +194,10 @@ def _answer(predictor: Predictor, batch: list[Question], settings, use_feature_c
             answer = predictor.generate([question.request], settings, use_feature_cache=use_feature_cache)[0]
             rows.append(_row(question, predictor.name, answer))
         except MedmvlError as err:
-            logger.warning("record %r: %s", question.record.id, err.message)
-            rows.append(_row(question, predictor.name, error=err.message))
+            rows.append(_failed(predictor, question, err))
     return rows
+
+
+def _failed(predictor: Predictor, question: Question, err: MedmvlError) -> dict:
+    logger.warning("record %r: %s", question.record.id, err.message)
+    return _row(question, predictor.name, error=err.message)

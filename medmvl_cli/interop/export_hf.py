@@ -1,7 +1,8 @@
 """`medmvl export --format hf-llava`: a model folder transformers' LLaVA loads with no medmvl code.
 
-A 2D stack that *is* LLaVA (a CLIP or SigLIP tower, an `mlp` connector of depth 2 with GELU, any
-causal LM) is written as `LlavaForConditionalGeneration` + `LlavaProcessor`:
+A 2D stack that *is* LLaVA (a CLIP or SigLIP tower, an `mlp` connector of depth 2 with GELU, a
+causal LM whose output head has no bias) is written as `LlavaForConditionalGeneration` +
+`LlavaProcessor`:
 
 - `config.json`: `LlavaConfig` with our vision config, the LLM's config, `vision_feature_layer` =
   `select_layer`, `vision_feature_select_strategy` `default` (CLIP, CLS dropped) or `full` (SigLIP,

@@ -30,17 +30,23 @@ def saved_dtype(model_dir: Path) -> str:
     return name if name in DTYPE_NAMES else "float32"
 
 
+def has_adapter(model_dir: Path) -> bool:
+    try:
+        return bool(json.loads((Path(model_dir) / "config.json").read_text()).get("llm_adapter"))
+    except (OSError, ValueError):
+        return False
+
+
 def export_medmvl(model_dir: Path, out: Path, *, merge_lora: bool = False, overwrite: bool = False,
                   dtype: Optional[str] = None) -> Path:
     """Write the model of `model_dir` to `out` (atomically); returns `out`."""
     from medmvl_cli.data.templates import get_template
     from medmvl_cli.interop.staging import check_output, looks_like_model_folder, staged_folder
     from medmvl_cli.model.builder import load_model, save_model
-    from medmvl_cli.model.llm import is_peft_model
 
     check_output(Path(out), overwrite, looks_like_model_folder, "an exported model folder")  # before the slow load
     model, tokenizer, image_processor = load_model(model_dir, dtype=dtype or saved_dtype(model_dir), merge_lora=merge_lora)
-    if merge_lora and not is_peft_model(model.llm):
+    if merge_lora and not has_adapter(model_dir):
         logger.info("%s has no LoRA adapter: nothing to merge", model_dir)
     tokenizer.chat_template = get_template(model.config.template).jinja(tokenizer)
     with staged_folder(out, overwrite, looks_like_model_folder, "an exported model folder") as staging:

@@ -13,6 +13,7 @@ Submodules (and the key prefixes in the saved safetensors): `llm`, `image_encode
 from __future__ import annotations
 
 import logging
+import math
 import re
 from collections import OrderedDict
 from pathlib import Path
@@ -56,9 +57,13 @@ class MedmvlPreTrainedModel(PreTrainedModel):
         # vision towers are PreTrainedModels and initialise themselves.
         std = 0.02
         if isinstance(module, nn.Linear):
-            init.normal_(module.weight, mean=0.0, std=std)
+            # PyTorch's fan-in scaled default, as LLaVA's projector gets: a fixed std of 0.02 shrinks
+            # narrow layers' outputs (a 64-wide 2-layer connector by ~40x), drowning the image signal
+            # among the text embeddings.
+            init.kaiming_uniform_(module.weight, a=math.sqrt(5))
             if module.bias is not None:
-                init.zeros_(module.bias)
+                bound = 1 / math.sqrt(module.in_features)
+                init.uniform_(module.bias, -bound, bound)
         elif isinstance(module, nn.LayerNorm):
             init.ones_(module.weight)
             init.zeros_(module.bias)

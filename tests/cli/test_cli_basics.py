@@ -19,7 +19,8 @@ runner = CliRunner()
 def test_help_lists_the_command_groups():
     result = runner.invoke(app, ["--help"])
     assert result.exit_code == 0
-    for command in ("env", "config"):
+    for command in ("env", "config", "data", "pretrain", "finetune", "lora", "infer", "eval", "export",
+                    "import", "demo", "quickstart"):
         assert command in result.output
 
 

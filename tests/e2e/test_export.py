@@ -19,7 +19,6 @@ from typer.testing import CliRunner
 from medmvl_cli.cli.app import app
 from medmvl_cli.config.loader import load_recipe
 from medmvl_cli.engine.stages import train_stage
-from medmvl_cli.errors import ModelError, RunError
 from medmvl_cli.inference.generate import GenerationSettings, Predictor
 from medmvl_cli.model.builder import build_model, load_model, save_model
 from tests.e2e.conftest import RECIPE_2D, RECIPE_3D
@@ -49,6 +48,7 @@ def lora_run(tmp_path_factory, synth_data) -> Path:
 
 def model_folder(tmp_path: Path, text: str, name: str = "model") -> Path:
     """An untrained model folder saved from a recipe text (random weights, seed 0)."""
+    tmp_path.mkdir(parents=True, exist_ok=True)
     recipe = tmp_path / f"{name}.yaml"
     recipe.write_text(text)
     torch.manual_seed(0)
@@ -90,6 +90,7 @@ def answers(model_dir: Path, images: list[Path]) -> list[str]:
 
 
 # ------------------------------------------------------------------------------------ medmvl format
+@pytest.mark.slow  # trains the LoRA run (module fixture), then loads the model seven times
 def test_export_keeps_the_adapter_unless_merged_and_answers_stay_the_same(lora_run, synth_data, tmp_path):
     images = sample_images(synth_data)
     model, tokenizer, processor = load_model(lora_run / "model")
@@ -125,30 +126,35 @@ def test_export_keeps_the_adapter_unless_merged_and_answers_stay_the_same(lora_r
     assert reference[0] in infer.stdout
 
 
-def test_a_non_empty_out_is_refused_and_overwrite_replaces_only_exports(lora_run, tmp_path):
+def test_a_non_empty_out_is_refused_and_overwrite_replaces_only_exports(tmp_path):
+    source = model_folder(tmp_path / "source", SIGLIP_LLAMA)
     out = tmp_path / "out"
     out.mkdir()
     (out / "notes.txt").write_text("keep me")
-    refused = runner.invoke(app, ["export", "--model", str(lora_run), "--out", str(out)])
+    refused = runner.invoke(app, ["export", "--model", str(source), "--out", str(out)])
     assert refused.exit_code == 1 and "not empty" in flat(refused.output) and "--overwrite" in flat(refused.output)
-    forced = runner.invoke(app, ["export", "--model", str(lora_run), "--out", str(out), "--overwrite"])
+    forced = runner.invoke(app, ["export", "--model", str(source), "--out", str(out), "--overwrite"])
     assert forced.exit_code == 1 and "does not look like" in flat(forced.output)
     assert (out / "notes.txt").read_text() == "keep me"
 
-    first = runner.invoke(app, ["export", "--model", str(lora_run), "--out", str(tmp_path / "export")])
+    first = runner.invoke(app, ["export", "--model", str(source), "--out", str(tmp_path / "export"), "--dtype", "bfloat16"])
     assert first.exit_code == 0, first.output
-    again = runner.invoke(app, ["export", "--model", str(lora_run), "--out", str(tmp_path / "export"), "--overwrite",
-                                "--merge-lora"])
+    assert json.loads((tmp_path / "export" / "config.json").read_text())["dtype"] == "bfloat16"
+    with safe_open(str(tmp_path / "export" / "model.safetensors"), "pt") as f:
+        assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"BF16"}
+    again = runner.invoke(app, ["export", "--model", str(source), "--out", str(tmp_path / "export"), "--overwrite",
+                                "--format", "hf-llava"])
     assert again.exit_code == 0, again.output
-    assert not (tmp_path / "export" / "llm_adapter").exists()
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["export", "out"]  # no staging folders left
+    assert json.loads((tmp_path / "export" / "config.json").read_text())["model_type"] == "llava"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["export", "out", "source"]  # no staging folders left
 
 
-def test_a_failed_export_leaves_the_old_folder_and_no_staging(lora_run, tmp_path, monkeypatch):
+def test_a_failed_export_leaves_the_old_folder_and_no_staging(tmp_path, monkeypatch):
     from medmvl_cli.interop import export_medmvl
 
+    source = model_folder(tmp_path / "source", SIGLIP_LLAMA)
     out = tmp_path / "export"
-    export_medmvl.export_medmvl(lora_run / "model", out)
+    export_medmvl.export_medmvl(source, out)
     before = sorted(p.name for p in out.iterdir())
 
     def broken(model, folder, *args, **kwargs):
@@ -157,10 +163,10 @@ def test_a_failed_export_leaves_the_old_folder_and_no_staging(lora_run, tmp_path
 
     monkeypatch.setattr("medmvl_cli.model.builder.save_model", broken)
     with pytest.raises(OSError, match="disk full"):
-        export_medmvl.export_medmvl(lora_run / "model", out, overwrite=True, merge_lora=True)
+        export_medmvl.export_medmvl(source, out, overwrite=True, dtype="bfloat16")
     assert sorted(p.name for p in out.iterdir()) == before
-    assert json.loads((out / "config.json").read_text())["model_type"] == "medmvl"
-    assert [p.name for p in tmp_path.iterdir()] == ["export"]
+    assert json.loads((out / "config.json").read_text())["dtype"] == "float32"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["export", "source"]
 
 
 # ------------------------------------------------------------------------------------ hf-llava
@@ -211,6 +217,7 @@ def medmvl_side(model_dir: Path, image: Path, max_new: int) -> dict:
     return {"prompt_ids": ids, "new_ids": new[0].tolist(), "last_logits": logits, "tokenizer": tokenizer}
 
 
+@pytest.mark.slow  # trains the LoRA run (module fixture) and starts a second Python
 def test_hf_llava_generates_what_medmvl_infer_does_without_medmvl_code(lora_run, synth_data, tmp_path):
     out = tmp_path / "llava"
     result = runner.invoke(app, ["export", "--model", str(lora_run), "--out", str(out), "--format", "hf-llava"])
@@ -386,10 +393,10 @@ def test_hf_llava_refuses_stacks_that_are_not_llava(tmp_path, synth_data, text, 
     assert not (tmp_path / "out").exists()
 
 
-def test_export_options_are_checked(lora_run, tmp_path, monkeypatch):
-    bad = runner.invoke(app, ["export", "--model", str(lora_run), "--out", str(tmp_path / "o"), "--format", "onnx"])
+def test_export_options_are_checked(tmp_path, monkeypatch):
+    bad = runner.invoke(app, ["export", "--model", str(tmp_path), "--out", str(tmp_path / "o"), "--format", "onnx"])
     assert bad.exit_code == 2
-    t4 = runner.invoke(app, ["export", "--model", str(lora_run), "--out", str(tmp_path / "o"), "--transformers4"])
+    t4 = runner.invoke(app, ["export", "--model", str(tmp_path), "--out", str(tmp_path / "o"), "--transformers4"])
     assert t4.exit_code == 2 and "hf-llava" in flat(t4.output)
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("MEDMVL_MODEL", raising=False)

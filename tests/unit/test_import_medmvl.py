@@ -308,6 +308,18 @@ def test_clip_mlp_checkpoint_in_the_older_format_with_nested_configs(tmp_path):
         features = head(tower(reference_pixels, output_hidden_states=True).hidden_states[-2][:, 1:])[0]
         reference = llm(inputs_embeds=medmvl_prompt_embeds(llm, tokenizer, question, "<image>", features)).logits[0]
     assert torch.allclose(ours[:, : reference.shape[1]], reference, atol=1e-4)
+    # An imported 2D MedM-VL model is LLaVA: it exports to transformers' LLaVA with the same logits.
+    from transformers import LlavaForConditionalGeneration
+
+    from medmvl_cli.interop.export_hf import export_hf_llava
+
+    llava, info = LlavaForConditionalGeneration.from_pretrained(export_hf_llava(run / "model", tmp_path / "llava"),
+                                                               output_loading_info=True)
+    assert not any(info.values()), info
+    ids = predictor.prompt_ids([{"role": "user", "content": question}])
+    with torch.no_grad():
+        theirs = llava.eval()(input_ids=torch.tensor([ids]), pixel_values=pixels).logits[0]
+    assert torch.allclose(theirs, ours, atol=1e-4)
 
 
 # ---------------------------------------------------------------------------------- M3D-CLIP
@@ -379,6 +391,9 @@ def broken_copy(src: Path, dst: Path, edit) -> Path:
      "unmerged LoRA adapter"),
     (lambda s, c: c.update(model_type="llava"), "not MedM-VL's 'lvlm'"),
     (lambda s, c: c.update(lvlm_connector_image_name="linear"), "mlp<depth>x_gelu"),
+    (lambda s, c: c.update(lvlm_connector_image_name="mlp1x_gelu"),
+     "unexpected: connector_image.connector.2.bias (as image3d_connector.mlp.2.bias)"),
+    (lambda s, c: s.update({"llm.model.norm.weight": torch.ones(3)}), "shape mismatch: llm.model.norm.weight (3,)"),
     (lambda s, c: c.update(lvlm_llm_type="llama"), "--template"),
     (lambda s, c: c.update(lvlm_encoder_image_select_feature="patch"), "--allow-approximate"),
     (lambda s, c: c.update(lvlm_llm_name_or_path="Qwen/Qwen2.5-3B-Instruct"), "--llm DIR"),
@@ -434,3 +449,20 @@ def test_options_paths_and_out_folder(ct_chest, tmp_path):
     with pytest.raises(ModelError, match="has its own 3D encoder"):
         broken = broken_copy(src, tmp_path / "two", lambda s, c: c.update(lvlm_encoder_image3d_type="m3dclip"))
         import_medm_vl(broken, tmp_path / "x", branch="slices")
+
+
+def test_slice_mean_needs_the_grid_of_a_slices_encoder():
+    from medmvl_cli.model.connectors import build_connector
+    from medmvl_cli.model.encoders.base import TokenLayout
+
+    spec = {"type": "mlp", "depth": 2, "activation": "gelu", "slice_mean": True}
+    with pytest.raises(ModelError, match="slice_mean needs the"):
+        build_connector(spec, TokenLayout((4, 4)), 32, 64)  # a 2D image grid
+    with pytest.raises(ModelError, match="1 CLS"):
+        build_connector(spec, TokenLayout((2, 4, 4), 1), 32, 64)  # a 3D ViT: one CLS for the whole volume
+    connector = build_connector(spec, TokenLayout((3, 2, 2), 3), 32, 64)  # slices of CLIP with cls_patch
+    x = torch.randn(2, 3 * 5, 32)
+    with torch.no_grad():
+        out = connector(x)
+        expected = torch.stack([connector.mlp(x[:, i * 5:(i + 1) * 5]) for i in range(3)]).mean(dim=0)
+    assert connector.num_tokens == 5 and torch.allclose(out, expected, atol=1e-6)
