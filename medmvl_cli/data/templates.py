@@ -17,6 +17,8 @@ See docs/templates.md.
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
+
 import logging
 import re
 from dataclasses import dataclass
@@ -235,7 +237,7 @@ def _fill(fmt: str, content: str) -> str:
 BosRule = Literal["never", "always", "auto"]
 
 
-class ChatTemplate:
+class ChatTemplate(ABC):
     """Base class. Subclasses render a conversation as ``(text, trained)`` segments."""
 
     name: str = ""
@@ -260,14 +262,16 @@ class ChatTemplate:
         segments = self._segments(tokenizer, messages, add_generation_prompt)
         return _encode_segments(tokenizer, self._bos_ids(tokenizer), segments, placeholder_lengths)
 
+    @abstractmethod
     def answer_text(self, content: str, tokenizer) -> str:
         """The exact text trained for one assistant reply (reply plus its end-of-turn token)."""
-        raise NotImplementedError
+        ...
 
+    @abstractmethod
     def jinja(self, tokenizer=None) -> str:
         """The Jinja chat template that renders the same text (for HF folders). ``tokenizer``
         decides the bos of ``auto`` templates (none when omitted)."""
-        raise NotImplementedError
+        ...
 
     def stop_token_ids(self, tokenizer) -> list[int]:
         """Ids that end a generated reply: the template's end-of-turn tokens, then eos."""
@@ -280,8 +284,9 @@ class ChatTemplate:
             ids.append(tokenizer.eos_token_id)
         return ids
 
+    @abstractmethod
     def _segments(self, tokenizer, messages, add_generation_prompt) -> list[tuple[str, bool]]:
-        raise NotImplementedError
+        ...
 
     def _clean(self, text: str) -> str:
         return text.strip() if self.trim else text

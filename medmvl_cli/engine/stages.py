@@ -242,6 +242,10 @@ def save_final_model(trainer, run, tokenizer, image_processor, recipe: Recipe) -
     staging = run.root / ".model.tmp"
     shutil.rmtree(staging, ignore_errors=True)
     model = trainer.accelerator.unwrap_model(trainer.model)
+    # The saved chat template is the run's, so HF tools format prompts the way the model was trained.
+    from medmvl_cli.data.templates import get_template
+
+    tokenizer.chat_template = get_template(recipe.model.llm.template).jinja(tokenizer)
     save_model(model, staging, tokenizer=tokenizer, image_processor=image_processor,
                state_dict=state_dict, dtype=compute_dtype(recipe))
     if run.model_dir.exists():

@@ -113,15 +113,14 @@ def _order(questions: list[Question], placeholder_lengths: dict[str, int]) -> li
         media = sum(text.count(ph) * placeholder_lengths.get(ph, 0) for ph in (IMAGE_PLACEHOLDER, VOLUME_PLACEHOLDER))
         return len(text) // 4 + media  # ~4 characters a token: good enough to order by
 
-    lengths = {id(q): length(q) for q in questions}
-
-    def group(q: Question) -> tuple:
-        return tuple(str(p) for p in q.request.volumes) or ("", id(q))
-
+    lengths = [length(q) for q in questions]
+    # A volume group: the questions about the same volumes; a question without volumes is its own.
+    groups = [tuple(str(p) for p in q.request.volumes) or ("", str(i)) for i, q in enumerate(questions)]
     longest: dict[tuple, int] = {}
-    for q in questions:
-        longest[group(q)] = max(longest.get(group(q), 0), lengths[id(q)])
-    return sorted(questions, key=lambda q: (longest[group(q)], str(group(q)), lengths[id(q)]))
+    for group, size in zip(groups, lengths):
+        longest[group] = max(longest.get(group, 0), size)
+    order = sorted(range(len(questions)), key=lambda i: (longest[groups[i]], groups[i], lengths[i], i))
+    return [questions[i] for i in order]
 
 
 def predict_file(

@@ -10,7 +10,6 @@ import pytest
 from typer.testing import CliRunner
 
 from medmvl_cli.cli.app import app
-from medmvl_cli.data import validate as validate_mod
 from tests.conftest import REFERENCE
 from tests.unit.test_validate import CLEAN, DEFECTS, make_media
 
@@ -141,16 +140,7 @@ data:
 """
 
 
-def test_validate_with_recipe_needs_token_counts(synth_dir):
-    (synth_dir.parent / "recipe.yaml").write_text(RECIPE)
-    result = runner.invoke(app, ["data", "validate", str(synth_dir / "train_2d.json"),
-                                 "--recipe", str(synth_dir.parent / "recipe.yaml")])
-    assert result.exit_code == 1
-    assert "tokens" in _plain(result.stderr) and "without --recipe" in _plain(result.stderr)
-
-
-def test_validate_with_recipe_reports_lengths(synth_dir, monkeypatch):
-    monkeypatch.setattr(validate_mod, "placeholder_lengths_for", lambda recipe: {"<image>": 16})
+def test_validate_with_recipe_reports_lengths(synth_dir):
     (synth_dir.parent / "recipe.yaml").write_text(RECIPE)
     result = runner.invoke(app, ["data", "validate", str(synth_dir / "train_2d.json"),
                                  "--recipe", str(synth_dir.parent / "recipe.yaml"), "--json"])

@@ -20,7 +20,7 @@ from medmvl_cli.data.validate import (
     placeholder_lengths_for,
     validate_annotations,
 )
-from medmvl_cli.errors import DataError, ModelError
+from medmvl_cli.errors import DataError
 from tests.conftest import REFERENCE
 
 
@@ -275,9 +275,13 @@ def test_full_decode_uses_the_volume_reader(tmp_path, monkeypatch):
 
 
 # ----------------------------------------------------------------------------------------- recipe
-def test_placeholder_lengths_are_not_guessed():
-    with pytest.raises(ModelError, match="tokens"):
-        placeholder_lengths_for(object())
+def test_placeholder_lengths_come_from_the_model(tmp_path):
+    from medmvl_cli.config.loader import load_recipe
+
+    recipe_file = tmp_path / "r.yaml"
+    recipe_file.write_text(RECIPE.format(max_length=64))
+    # tiny CLIP: 32 px in 8 px patches = 16 patch tokens; an MLP connector keeps one token each
+    assert placeholder_lengths_for(load_recipe(recipe_file)) == {"<image>": 16}
 
 
 RECIPE = """

@@ -8,6 +8,8 @@ original folder. `from_recipe` builds it from a recipe section and loads the rel
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
+
 import math
 from dataclasses import dataclass
 from typing import Any, ClassVar, Optional
@@ -64,7 +66,7 @@ def check_select_layer(select_layer: int, num_states: int, what: str) -> int:
     return select_layer % num_states
 
 
-class Encoder(nn.Module):
+class Encoder(nn.Module, ABC):
     """Base of every encoder backend. Subclasses set `type`, `modality`, `width` and `layout`."""
 
     type: ClassVar[str] = ""
@@ -81,9 +83,10 @@ class Encoder(nn.Module):
         return self.layout.num_tokens
 
     @classmethod
+    @abstractmethod
     def from_recipe(cls, cfg: Any, volume: Optional[Any] = None, attn_implementation: str = "sdpa") -> "Encoder":
         """Build from a recipe section (`model.<branch>.encoder`) and load its released weights."""
-        raise NotImplementedError
+        ...
 
     @classmethod
     def from_arch(cls, arch: dict[str, Any], attn_implementation: str = "sdpa") -> "Encoder":

@@ -7,6 +7,8 @@ those hidden states (0 = the embeddings, -1 = the last layer, -2 = the one befor
 
 from __future__ import annotations
 
+from abc import abstractmethod
+
 import logging
 from typing import Any, ClassVar, Optional
 
@@ -37,8 +39,9 @@ class HFVisionTower(Encoder):
     has_cls: ClassVar[bool] = True
 
     @staticmethod
+    @abstractmethod
     def _classes():  # (config class, model class, image processor class)
-        raise NotImplementedError
+        ...
 
     def __init__(self, arch: dict[str, Any], tower: Optional[torch.nn.Module] = None, attn_implementation: str = "sdpa"):
         super().__init__(arch)
