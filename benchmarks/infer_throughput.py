@@ -12,6 +12,10 @@ volume once. Answers have a fixed length (min_new_tokens = max_new_tokens), so t
 weights do not end them at random points; greedy decoding.
 
     python benchmarks/infer_throughput.py [--quick] [--volumes 16] [--new-tokens 32] [--batch-sizes 1,4,16]
+                                          [--rounds 1] [--source-size 64,256,256]
+
+On a shared machine pass --rounds 2 or 3: configurations then run round-robin and each keeps its
+fastest round.
 
 Prints one JSON object on stdout; logs go to stderr.
 """
@@ -33,7 +37,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from train_throughput import (  # noqa: E402  (sibling benchmark: the same LLM and report sentences)
-    SIZES, VOLUME_PATCH, VOLUME_SIZE, matmul_peak_gflops, report_sentences, write_llm,
+    SIZES, VOLUME_PATCH, VOLUME_SIZE, matmul_peak_gflops, report_sentences, results_stream, write_llm,
 )
 
 logger = logging.getLogger("benchmarks.infer_throughput")
@@ -57,13 +61,15 @@ def write_annotations(path: Path, volumes: list[str], seed: int = 0) -> int:
     records = []
     for v, volume in enumerate(volumes):
         count = int(rng.integers(3, 6))
-        questions = [REPORT_QUESTION] + [SHORT_QUESTIONS[i] for i in rng.choice(len(SHORT_QUESTIONS), count - 1, replace=False)]
+        short = rng.choice(len(SHORT_QUESTIONS), count - 1, replace=False)
+        questions = [REPORT_QUESTION] + [SHORT_QUESTIONS[i] for i in short]
         for q, question in enumerate(questions):
             answer = (" ".join(sentences[i] for i in rng.choice(len(sentences), 6, replace=False))
                       if question == REPORT_QUESTION else str(rng.choice(["Yes.", "No."])))
             records.append({"id": f"ct-{v:04d}-q{q}", "image3d": [volume],
                             "conversations": [{"from": "human", "value": f"<image3d>\n{question}"}],
-                            "answer": answer, "question_type": "open" if question == REPORT_QUESTION else "closed"})
+                            "answer": answer,
+                            "question_type": "open" if question == REPORT_QUESTION else "closed"})
     path.write_text(json.dumps(records, indent=1) + "\n", encoding="utf-8")
     return len(records)
 
@@ -122,12 +128,13 @@ def stage_times(predictor, volumes: list[Path]) -> dict:
 
 
 def run_config(model_dir: Path, annotations: Path, out: Path, settings, batch_size: int, cache: bool) -> dict:
+    from medmvl_cli.data.annotations import AnnotationFile, default_root, parse_record
     from medmvl_cli.inference.generate import Predictor
     from medmvl_cli.inference.predictions import predict_file, to_question
-    from medmvl_cli.data.annotations import AnnotationFile, default_root, parse_record
 
     predictor = Predictor(model_dir)
-    first = to_question(parse_record(next(iter(AnnotationFile(annotations)))), None, default_root(annotations, None))
+    first_record = parse_record(next(iter(AnnotationFile(annotations))))
+    first = to_question(first_record, None, default_root(annotations, None))
     predictor.generate([first.request], settings, use_feature_cache=False)  # warm-up; leaves the cache empty
     start = time.perf_counter()
     counts = predict_file(predictor, annotations, out, settings, batch_size=batch_size, overwrite=True,
@@ -138,16 +145,21 @@ def run_config(model_dir: Path, annotations: Path, out: Path, settings, batch_si
         "items": counts["asked"], "errors": counts["errors"], "seconds": round(seconds, 2),
         "items_per_s": round(counts["asked"] / seconds, 3),
         "generated_tokens_per_s": round(counts["asked"] * settings.max_new_tokens / seconds, 1),
-        "feature_cache_hits": predictor.cache_hits, "_predictions": predictions,
+        "feature_cache_hits": predictor.cache_hits, "load_average_1min_after": round(os.getloadavg()[0], 2),
+        "_predictions": predictions,
     }
 
 
-def main(argv: list[str] | None = None) -> dict:
+def main(argv: list[str] | None = None, out_stream=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="smaller LLM / encoder, fewer volumes and tokens")
-    parser.add_argument("--volumes", type=int, default=None, help="CT volumes (3-5 questions each; default 16, --quick 8)")
-    parser.add_argument("--new-tokens", type=int, default=None, help="tokens generated per answer (default 32, --quick 16)")
+    parser.add_argument("--volumes", type=int, default=None,
+                        help="CT volumes (3-5 questions each; default 16, --quick 8)")
+    parser.add_argument("--new-tokens", type=int, default=None,
+                        help="tokens generated per answer (default 32, --quick 16)")
     parser.add_argument("--batch-sizes", default="1,4,16")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="times each configuration runs (interleaved); the fastest is kept (shared machines)")
     parser.add_argument("--source-size", default="64,256,256",
                         help="D,H,W of the synthetic CT files (preprocessed to 32,128,128 when read)")
     args = parser.parse_args(argv)
@@ -185,33 +197,41 @@ def main(argv: list[str] | None = None) -> dict:
         del probe
 
         runs: dict[str, dict] = {}
-        for batch_size in batch_sizes:  # with and without the cache back to back: the machine may be shared
-            for cache in (True, False):
-                key = f"batch_{batch_size}_{'cache' if cache else 'no_cache'}"
-                runs[key] = run_config(model_dir, annotations, folder / f"{key}.jsonl", settings, batch_size, cache)
-                logger.info("%s: %.3f items/s", key, runs[key]["items_per_s"])
+        for round_ in range(args.rounds):
+            # With and without the cache back to back, rounds interleaved: the machine may be shared.
+            for batch_size in batch_sizes:
+                for cache in (True, False):
+                    key = f"batch_{batch_size}_{'cache' if cache else 'no_cache'}"
+                    run = run_config(model_dir, annotations, folder / f"{key}.jsonl", settings, batch_size, cache)
+                    logger.info("round %d, %s: %.3f items/s", round_ + 1, key, run["items_per_s"])
+                    if key not in runs or run["items_per_s"] > runs[key]["items_per_s"]:
+                        runs[key] = run
+        for batch_size in batch_sizes:
             with_cache, without = runs[f"batch_{batch_size}_cache"], runs[f"batch_{batch_size}_no_cache"]
-            runs[f"batch_{batch_size}_cache"]["speedup_vs_no_cache"] = round(with_cache["items_per_s"] / without["items_per_s"], 2)
-            runs[f"batch_{batch_size}_cache"]["same_answers_as_no_cache"] = with_cache["_predictions"] == without["_predictions"]
+            with_cache["speedup_vs_no_cache"] = round(with_cache["items_per_s"] / without["items_per_s"], 2)
+            with_cache["same_answers_as_no_cache"] = with_cache["_predictions"] == without["_predictions"]
         for run in runs.values():
             run.pop("_predictions")
     out = {
         "benchmark": "infer_throughput",
-        "quick": args.quick,
+        "quick": args.quick, "rounds_fastest_kept": args.rounds,
         "model_sizes": {"llm": sizes["llm"], "vit3d": sizes["vit3d"]},
         "volume_size": list(VOLUME_SIZE), "source_volume_size": list(source_size),
-        "volumes": len(volumes), "questions": questions, "questions_per_volume": round(questions / len(volumes), 2),
-        "new_tokens_per_answer": new_tokens, "prompt_tokens": {"min": min(prompt_tokens), "max": max(prompt_tokens)},
+        "volumes": len(volumes), "questions": questions,
+        "questions_per_volume": round(questions / len(volumes), 2),
+        "new_tokens_per_answer": new_tokens, "decoding": "greedy, fixed length",
+        "prompt_tokens": {"min": min(prompt_tokens), "max": max(prompt_tokens)},
         "per_volume": breakdown,
         "torch_threads": torch.get_num_threads(), "cpus": os.cpu_count(),
         "matmul_peak_gflops": {"before": round(peak_before, 1), "after": round(matmul_peak_gflops(), 1)},
-        "load_average": {"start": [round(x, 2) for x in load_start], "end": [round(x, 2) for x in os.getloadavg()]},
+        "load_average": {"start": [round(x, 2) for x in load_start],
+                         "end": [round(x, 2) for x in os.getloadavg()]},
         "total_s": round(time.perf_counter() - started, 1),
         "runs": runs,
     }
-    print(json.dumps(out, indent=2))
+    print(json.dumps(out, indent=2), file=out_stream or sys.stdout, flush=True)
     return out
 
 
 if __name__ == "__main__":
-    main()
+    main(out_stream=results_stream())

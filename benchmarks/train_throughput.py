@@ -109,7 +109,8 @@ def write_clip(folder: Path, fields: dict) -> Path:
 
 
 def model_section(dim: str, folders: dict, sizes: dict) -> dict:
-    llm = {"path": str(folders["llm"]), "max_length": MAX_LENGTH, "dtype": "float32", "attn_implementation": "sdpa"}
+    llm = {"path": str(folders["llm"]), "max_length": MAX_LENGTH, "dtype": "float32",
+           "attn_implementation": "sdpa"}
     if dim == "2d":
         return {"llm": llm, "image": {
             "encoder": {"type": "clip", "path": str(folders["clip"]), "select_layer": -1, "select_feature": "patch"},
@@ -150,7 +151,8 @@ def write_annotations(path: Path, media: list[str], dim: str, count: int, seed: 
         records.append({"id": f"{dim}-{i:05d}", key: [file], "conversations": [
             {"from": "human", "value": f"{placeholder}\n{question}"}, {"from": "gpt", "value": answer}]})
     path.write_text(json.dumps(records, indent=1) + "\n", encoding="utf-8")
-    return {"records": count, "media_files": min(len(media), -(-count // per_file)), "report_share": round(long_answers / count, 3)}
+    return {"records": count, "media_files": min(len(media), -(-count // per_file)),
+            "report_share": round(long_answers / count, 3)}
 
 
 def write_recipe(path: Path, dim: str, folders: dict, sizes: dict, data_dir: Path, annotations: Path,
@@ -188,7 +190,8 @@ def prepare(folder: Path, dims: list[str], sizes: dict, steps: int, batch_size: 
         start = time.perf_counter()
         synthesize(data_dir, kind=dim, n=max(files, 2), image_size=IMAGE_SIZE, volume_size=VOLUME_SIZE,
                    questions="all")  # every file of both splits is used
-        media = sorted(str(p.relative_to(data_dir)) for p in (data_dir / ("images" if dim == "2d" else "volumes")).iterdir())
+        media_dir = data_dir / ("images" if dim == "2d" else "volumes")
+        media = sorted(str(p.relative_to(data_dir)) for p in media_dir.iterdir())
         data[dim] = write_annotations(data_dir / "bench.json", media, dim, count)
         recipes[dim] = write_recipe(folder / f"{dim}.yaml", dim, folders, sizes, data_dir, data_dir / "bench.json",
                                     steps, batch_size)
@@ -196,13 +199,23 @@ def prepare(folder: Path, dims: list[str], sizes: dict, steps: int, batch_size: 
             from medmvl_cli.data.volume_cache import VolumeCache
 
             recipe = load_recipe(recipes[dim], stage="finetune")
-            report = VolumeCache(recipe.data.cache_dir).fill([data_dir / m for m in media], recipe.model.image3d.volume)
+            report = VolumeCache(recipe.data.cache_dir).fill([data_dir / m for m in media],
+                                                             recipe.model.image3d.volume)
             data[dim]["volumes_cached"] = report.built + report.cached
         data[dim]["prepare_s"] = round(time.perf_counter() - start, 1)
     return recipes, data
 
 
 # ------------------------------------------------------------------------------- measurements
+def results_stream():
+    """A text stream on the real stdout, for the JSON alone; anything else written to stdout from
+    now on (DeepSpeed logs there when transformers imports it) goes to stderr instead."""
+    sys.stdout.flush()
+    stream = os.fdopen(os.dup(1), "w")
+    os.dup2(2, 1)
+    return stream
+
+
 def matmul_peak_gflops(n: int = 2048, repeats: int = 5) -> float:
     """Best fp32 GFLOP/s of an n x n matmul with the process's torch threads."""
     import torch
@@ -235,7 +248,8 @@ def model_facts(recipe_path: Path, batch_size: int) -> dict:
     encoder_tokens = encoder.layout.num_patches + int(bool(getattr(encoder, "has_cls", False)))  # CLS runs too
     padding = {}
     for mode, group in (("padded", False), ("grouped", True)):
-        order = list(WeightedLengthGroupedSampler(lengths, train.source_indices, [1.0], batch_size, group, recipe.seed))
+        order = list(WeightedLengthGroupedSampler(lengths, train.source_indices, [1.0], batch_size, group,
+                                                  recipe.seed))
         batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
         computed = sum(len(b) * max(lengths[i] for i in b) for b in batches)
         padding[mode] = round(1 - sum(lengths) / computed, 3)
@@ -245,7 +259,8 @@ def model_facts(recipe_path: Path, batch_size: int) -> dict:
         "image_tokens_per_sample": placeholder_lengths(model)["<image>" if branch == "image" else "<image3d>"],
         "encoder_tokens_per_sample": encoder_tokens,
         "sample_tokens": {"min": min(lengths), "median": int(statistics.median(lengths)),
-                          "p90": int(np.percentile(lengths, 90)), "max": max(lengths), "mean": round(float(np.mean(lengths)), 1)},
+                          "p90": int(np.percentile(lengths, 90)), "max": max(lengths),
+                          "mean": round(float(np.mean(lengths)), 1)},
         "padding_share": padding,
         "_encoder": f"{branch}_encoder", "_connector": f"{branch}_connector",
     }
@@ -256,8 +271,8 @@ def run_child(recipe: Path, mode: str, batch_size: int) -> dict:
     from medmvl_cli.config.loader import load_recipe
     from medmvl_cli.engine.stages import train_stage
 
-    recipe_obj = load_recipe(recipe, MODES[mode] + [f"output_dir={recipe.parent / 'runs' / (recipe.stem + '-' + mode)}"],
-                             stage="finetune")
+    output_dir = recipe.parent / "runs" / f"{recipe.stem}-{mode}"
+    recipe_obj = load_recipe(recipe, MODES[mode] + [f"output_dir={output_dir}"], stage="finetune")
     before = matmul_peak_gflops(1536, 3)  # how much of the machine this run had (it is shared)
     start = time.perf_counter()
     run = train_stage(recipe_obj, overwrite=True, quiet=True)
@@ -277,6 +292,7 @@ def run_child(recipe: Path, mode: str, batch_size: int) -> dict:
         "train_stage_wall_s": round(wall, 1),
         "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         "matmul_gflops_before_after": [round(before, 1), round(after, 1)],
+        "load_average_1min_after": round(os.getloadavg()[0], 2),
         "final_loss": rows[-1].get("loss"),
     }
 
@@ -289,7 +305,7 @@ def spawn(recipe: Path, mode: str, batch_size: int) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def main(argv: list[str] | None = None) -> dict:
+def main(argv: list[str] | None = None, out_stream=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=None, help="optimizer steps per run (default 24; --quick 10)")
     parser.add_argument("--batch-size", type=int, default=8)
@@ -301,9 +317,10 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING if args.child else logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(name)s: %(message)s")
+    out_stream = out_stream or sys.stdout
     if args.child:
         result = run_child(args.child, args.mode, args.batch_size)
-        print(json.dumps(result))
+        print(json.dumps(result), file=out_stream, flush=True)
         return result
 
     import torch
@@ -322,16 +339,18 @@ def main(argv: list[str] | None = None) -> dict:
         for dim in dims:
             facts = model_facts(recipes[dim], args.batch_size)
             llm_params = facts["params"]["llm"]
-            vision_flops_per_sample = (2 * facts["params"][facts["_encoder"]] * facts["encoder_tokens_per_sample"]
-                                       + 6 * facts["params"][facts["_connector"]] * facts["image_tokens_per_sample"])
+            vision_flops_per_sample = (
+                2 * facts["params"][facts["_encoder"]] * facts["encoder_tokens_per_sample"]
+                + 6 * facts["params"][facts["_connector"]] * facts["image_tokens_per_sample"])
             runs = {}
             for mode in modes:
                 logger.info("%s / %s: %d steps of %d", dim, mode, steps, args.batch_size)
                 runs[mode] = spawn(recipes[dim], mode, args.batch_size)
                 runs[mode]["padding_share"] = facts["padding_share"][mode]
                 logger.info("%s / %s: %s", dim, mode, runs[mode])
-            results[dim] = {"data": data[dim], **{k: v for k, v in facts.items() if not k.startswith("_") and k != "padding_share"},
-                            "runs": runs, "_llm_params": llm_params, "_vision_flops": vision_flops_per_sample}
+            shown = {k: v for k, v in facts.items() if not k.startswith("_") and k != "padding_share"}
+            results[dim] = {"data": data[dim], **shown, "runs": runs,
+                            "_llm_params": llm_params, "_vision_flops": vision_flops_per_sample}
     peak_after = matmul_peak_gflops()
     # The machine may be shared: the best matmul rate seen in this run is the peak MFU is taken against.
     peak = max([peak_before, peak_after] + [g for r in results.values() for run in r["runs"].values()
@@ -346,20 +365,23 @@ def main(argv: list[str] | None = None) -> dict:
     out = {
         "benchmark": "train_throughput",
         "quick": args.quick, "steps": steps, "batch_size": args.batch_size,
-        "model_sizes": sizes, "image_size": IMAGE_SIZE, "volume_size": list(VOLUME_SIZE), "max_length": MAX_LENGTH,
-        "trainable": "finetune defaults: LLM full, connector full, encoder frozen; fp32, sdpa, no gradient checkpointing",
+        "model_sizes": sizes, "image_size": IMAGE_SIZE, "volume_size": list(VOLUME_SIZE),
+        "max_length": MAX_LENGTH,
+        "trainable": "finetune defaults: LLM full, connector full, encoder frozen; "
+                     "fp32, sdpa, no gradient checkpointing",
         "data_loading": "num_workers 0; 3D volumes read from the filled volume cache",
         "torch_threads": torch.get_num_threads(), "cpus": os.cpu_count(),
-        "matmul_peak_gflops": {"before": round(peak_before, 1), "after": round(peak_after, 1), "used": round(peak, 1)},
+        "matmul_peak_gflops": {"before": round(peak_before, 1), "after": round(peak_after, 1),
+                               "best_seen_used_for_mfu": round(peak, 1)},
         "flops_counted": "6 x all LLM params x real tokens (tied embeddings once, attention scores not counted); "
                          "with_vision adds 2 x encoder params x encoder tokens + 6 x connector params x image tokens",
         "load_average": {"start": [round(x, 2) for x in load_start], "end": [round(x, 2) for x in os.getloadavg()]},
         "total_s": round(time.perf_counter() - started, 1),
         "results": results,
     }
-    print(json.dumps(out, indent=2))
+    print(json.dumps(out, indent=2), file=out_stream, flush=True)
     return out
 
 
 if __name__ == "__main__":
-    main()
+    main(out_stream=results_stream())

@@ -39,8 +39,9 @@ def infer(
     """Answer a question about one image or volume, or every record of an annotation file.
 
     One question: the answer streams to stdout; the model used goes to stderr.
-    A file: one JSON row per record in --out, written as each batch finishes; running the same
-    command again resumes (ids already in --out are skipped).
+    A file: one JSON row per record in --out, written as each batch finishes.
+    Running the same command again resumes: ids already in --out are skipped.
+    See docs/inference.md.
 
     Examples:
       medmvl infer --volume ct.nii.gz --prompt "Is there a nodule?"

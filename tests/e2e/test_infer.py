@@ -342,11 +342,11 @@ def test_a_file_that_fails_to_load_gives_an_error_row_and_the_rest_are_answered(
 
 def test_a_killed_batch_run_resumes_writing_each_id_once(run, synth_data, tmp_path):
     base = json.loads((synth_data / "test_2d.json").read_text()) + json.loads((synth_data / "test_3d.json").read_text())
-    records = [dict(r, id=f"{r['id']}-{k}") for k in range(4) for r in base]  # 24 questions
+    records = [dict(r, id=f"{r['id']}-{k}") for k in range(3) for r in base]  # 18 questions
     annotations = tmp_path / "many.json"
     annotations.write_text(json.dumps(records))
     out = tmp_path / "p.jsonl"
-    args = _batch(run, annotations, out, synth_data, "--batch-size", "1", "--max-new-tokens", "8")
+    args = _batch(run, annotations, out, synth_data, "--batch-size", "1", "--max-new-tokens", "4")
     proc = subprocess.Popen([sys.executable, "-m", "medmvl_cli", *args], stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 300
