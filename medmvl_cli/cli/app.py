@@ -64,11 +64,29 @@ def root(
     if not debug:
         # Our own rich progress bars report long work; the libraries' tqdm bars only add noise.
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    logging.basicConfig(
-        level=logging.DEBUG if debug else logging.INFO,
-        format="%(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    _configure_logging(logging.DEBUG if debug else logging.INFO)
+
+
+class _CurrentStderrHandler(logging.StreamHandler):
+    """Writes to whatever sys.stderr is now (test runners swap it between commands)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value):
+        pass
+
+
+def _configure_logging(level: int) -> None:
+    root_logger = logging.getLogger()
+    handler = next((h for h in root_logger.handlers if isinstance(h, _CurrentStderrHandler)), None)
+    if handler is None:
+        handler = _CurrentStderrHandler()
+        handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+        root_logger.addHandler(handler)
+    root_logger.setLevel(level)
 
 
 def _register() -> None:
