@@ -159,3 +159,24 @@ def test_pretrain_then_finetune_chain(recipe_3d):
     assert not torch.equal(pre_w[connector], fine_w[connector])  # finetune started from and moved on
     frozen_llm = [k for k in pre_w if k.startswith("llm.") and "embed" not in k][0]
     assert frozen_llm in fine_w
+
+
+def test_component_learning_rates_and_no_decay_on_norms_and_biases(recipe_2d, tmp_path):
+    from medmvl_cli.engine.run_folder import RunFolder
+    from medmvl_cli.engine.stages import build_training_model, component_learning_rates, training_arguments
+    from medmvl_cli.engine.trainer import LVLMTrainer
+
+    recipe = load_recipe(recipe_2d, ["train.lr_connector=5e-3", "train.lr_encoder=1e-5", "train.weight_decay=0.1"])
+    model, _, _ = build_training_model(recipe)
+    trainer = LVLMTrainer(model=model, args=training_arguments(recipe, RunFolder(tmp_path / "run"), quiet=True),
+                          param_lrs=component_learning_rates(model, recipe))
+    optimizer = trainer.create_optimizer()
+    group_of = {id(p): g for g in optimizer.param_groups for p in g["params"]}
+    components = model.components()
+    for name, lr in (("image_connector", 5e-3), ("image_encoder", 1e-5), ("llm", 1e-3)):
+        params = [p for p in components[name].parameters() if p.requires_grad]
+        assert params and all(group_of[id(p)]["lr"] == lr for p in params), name
+    for name, param in model.named_parameters():
+        if param.requires_grad and (name.endswith("bias") or "norm" in name):
+            assert group_of[id(param)]["weight_decay"] == 0.0, name
+    assert any(g["weight_decay"] == 0.1 for g in optimizer.param_groups)
