@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import sys
 from typing import Annotated, Optional
 
@@ -64,7 +65,15 @@ def root(
     if not debug:
         # Our own rich progress bars report long work; the libraries' tqdm bars only add noise.
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    if "DS_ACCELERATOR" not in os.environ and not _nvidia_gpu_present():
+        # Spares DeepSpeed's accelerator probe, which prints a warning on stdout (where results go).
+        os.environ["DS_ACCELERATOR"] = "cpu"
     _configure_logging(logging.DEBUG if debug else logging.INFO)
+
+
+def _nvidia_gpu_present() -> bool:
+    """A cheap look for an NVIDIA driver, without importing torch."""
+    return os.path.exists("/dev/nvidiactl") or shutil.which("nvidia-smi") is not None
 
 
 class _CurrentStderrHandler(logging.StreamHandler):
