@@ -288,6 +288,9 @@ def run_child(recipe: Path, mode: str, batch_size: int) -> dict:
         "steps_logged": len(rows), "steps_timed": len(timed),
         "tokens_per_s": round(sum(tokens) / sum(seconds), 1),
         "samples_per_s": round(batch_size * len(timed) / sum(seconds), 3),
+        # Medians of the per-step rates shrug off another process taking the cores for a step or two.
+        "tokens_per_s_median_step": round(statistics.median(r["tokens_per_s"] for r in timed), 1),
+        "samples_per_s_median_step": round(statistics.median(r["samples_per_s"] for r in timed), 3),
         "step_s": [round(x, 2) for x in seconds],
         "train_stage_wall_s": round(wall, 1),
         "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
