@@ -26,7 +26,7 @@ def demo(
     Needs gradio, the `demo` extra of the package (see docs/demo.md).
 
     Examples:
-      medmvl demo --model runs/quickstart-ct
+      medmvl demo --model runs/quickstart-3d
       medmvl demo --model runs/ct-qwen-finetune --port 8080 --max-upload-mb 2048
     """
     from rich.console import Console

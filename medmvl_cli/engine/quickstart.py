@@ -61,6 +61,7 @@ def run_quickstart(kind: str, workdir: Path, n: int | None = None, overrides: tu
         f"output_dir={run_dir}",
         f"data.train.0.annotations={train_file}", f"data.train.0.{root_key}={data}",
         f"data.eval.0.annotations={test_file}", f"data.eval.0.{root_key}={data}",
+        *([f"data.cache_dir={data / 'cache'}"] if kind == "3d" else []),
         *overrides,
     ], stage="finetune")
     train_start = time.perf_counter()
