@@ -25,10 +25,8 @@ from typing import Any, ClassVar, Optional
 import torch
 from torch import nn
 
-from medmvl_cli.errors import ModelError
-from medmvl_cli.model.encoders.base import Encoder, TokenLayout, check_select_layer, mark_loaded
-from medmvl_cli.model.encoders.released import load_vision_weights, read_config, read_state_dict
-from medmvl_cli.model.encoders.vit3d import check_patch_grid, check_volume_shape
+from medmvl_cli.model.encoders.released import read_config
+from medmvl_cli.model.encoders.volume_vit import VolumeViTEncoder, check_patch_grid, check_released_volume_size
 
 MEAN, STD = 55.6982188356434, 66.1943479570918
 MEDM_DEFAULTS = {
@@ -100,45 +98,26 @@ def _sizes(released: dict) -> dict:
     }
 
 
-class MedmClipEncoder(Encoder):
+class MedmClipEncoder(VolumeViTEncoder):
     type: ClassVar[str] = "medm_clip"
-    modality: ClassVar[str] = "volume"
 
     def __init__(self, arch: dict[str, Any], attn_implementation: str = "sdpa"):
-        super().__init__(arch)
-        self.img_size = tuple(arch["img_size"])
-        self.vit = MedmClipViT(
-            self.img_size, tuple(arch["patch_size"]), arch["hidden_size"], arch["num_layers"],
+        vit = MedmClipViT(
+            tuple(arch["img_size"]), tuple(arch["patch_size"]), arch["hidden_size"], arch["num_layers"],
             arch["num_heads"], arch["mlp_dim"],
         )
-        self.select_layer = check_select_layer(arch["select_layer"], arch["num_layers"] + 1, "medm_clip encoder")
-        self.include_cls = arch["select_feature"] == "cls_patch"
-        self.width = arch["hidden_size"]
-        self.layout = TokenLayout(self.vit.grid, 1 if self.include_cls else 0)
+        super().__init__(arch, vit)
 
     @classmethod
     def from_recipe(cls, cfg: Any, volume: Optional[Any] = None, attn_implementation: str = "sdpa") -> "MedmClipEncoder":
         folder = Path(cfg.path)
         sizes = _sizes(read_config(folder))
         check_patch_grid(sizes["img_size"], sizes["patch_size"], "medm_clip encoder")
-        if volume is not None and list(volume.size) != sizes["img_size"]:
-            raise ModelError(
-                f"medm_clip encoder: model.image3d.volume.size is {list(volume.size)} but MedM-CLIP takes {sizes['img_size']}",
-                hint=f"set model.image3d.volume.size to {sizes['img_size']} (its position embeddings are fixed)",
-            )
+        check_released_volume_size(volume, sizes["img_size"], "medm_clip encoder", "MedM-CLIP")
         arch = {"type": cls.type, "select_layer": cfg.select_layer, "select_feature": cfg.select_feature, **sizes}
-        encoder = cls(arch)
-        state, source = read_state_dict(folder, "medm_clip encoder")
-        load_vision_weights(
-            encoder.vit, state, source=source, what="medm_clip encoder", prefix="vision_encoder.",
-            ignored_prefixes=TEXT_PREFIXES, unused_vision_keys=UNUSED_VISION_KEYS,
-        )
-        mark_loaded(encoder)
-        return encoder
+        return cls(arch).load_released(folder, prefix="vision_encoder.", ignored_prefixes=TEXT_PREFIXES,
+                                       unused_vision_keys=UNUSED_VISION_KEYS)
 
-    def forward(self, volumes: torch.Tensor) -> torch.Tensor:
-        """(N, 1, D, H, W) in [0, 1] -> (N, T, width)."""
-        check_volume_shape(volumes, self.img_size, "medm_clip encoder")
-        x = (volumes.to(self.vit.pos_embedding.dtype) * 255.0 - MEAN) / STD
-        features = self.vit.hidden_states(x, self.select_layer)
-        return features if self.include_cls else features[:, 1:]
+    def normalize(self, volumes: torch.Tensor) -> torch.Tensor:
+        """x 255, then MedM-CLIP's z-score, as its training data were."""
+        return (volumes.to(self.vit.pos_embedding.dtype) * 255.0 - MEAN) / STD

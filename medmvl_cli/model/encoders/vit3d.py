@@ -13,12 +13,11 @@ import logging
 from pathlib import Path
 from typing import Any, ClassVar, Optional
 
-import torch
 
 from medmvl_cli.errors import ModelError
-from medmvl_cli.model.encoders.base import Encoder, TokenLayout, check_select_layer, mark_loaded
 from medmvl_cli.model.encoders.monai_vit import MonaiViT3d
-from medmvl_cli.model.encoders.released import load_vision_weights, read_config, read_state_dict
+from medmvl_cli.model.encoders.released import read_config
+from medmvl_cli.model.encoders.volume_vit import VolumeViTEncoder, check_patch_grid
 
 logger = logging.getLogger(__name__)
 
@@ -26,40 +25,17 @@ DEFAULTS = {"hidden_size": 768, "num_layers": 12, "num_heads": 12, "patch_size":
 ARCH_KEYS = ("img_size", "patch_size", "hidden_size", "num_layers", "num_heads", "mlp_dim", "cls_token", "in_channels")
 
 
-def check_patch_grid(img_size, patch_size, what: str) -> None:
-    bad = [f"{s} / {p}" for s, p in zip(img_size, patch_size) if s % p or s < p]
-    if bad:
-        raise ModelError(
-            f"{what}: patch size {list(patch_size)} does not divide the volume size {list(img_size)} ({', '.join(bad)})",
-            hint="choose model.image3d.volume.size as a multiple of the encoder's patch size on every axis",
-        )
-
-
-def check_volume_shape(volumes: torch.Tensor, img_size, what: str) -> None:
-    if volumes.dim() != 5 or tuple(volumes.shape[2:]) != tuple(img_size) or volumes.shape[1] != 1:
-        raise ModelError(
-            f"{what}: volumes of shape {tuple(volumes.shape)} given; the encoder takes (N, 1, {', '.join(map(str, img_size))})",
-            hint="preprocess volumes to model.image3d.volume.size",
-        )
-
-
-class Vit3dEncoder(Encoder):
+class Vit3dEncoder(VolumeViTEncoder):
     type: ClassVar[str] = "vit3d"
-    modality: ClassVar[str] = "volume"
 
     def __init__(self, arch: dict[str, Any], attn_implementation: str = "sdpa"):
-        super().__init__(arch)
-        self.img_size = tuple(arch["img_size"])
-        self.vit = MonaiViT3d(
-            img_size=self.img_size, patch_size=tuple(arch["patch_size"]), hidden_size=arch["hidden_size"],
+        has_cls = arch.get("cls_token", True)
+        vit = MonaiViT3d(
+            img_size=tuple(arch["img_size"]), patch_size=tuple(arch["patch_size"]), hidden_size=arch["hidden_size"],
             mlp_dim=arch["mlp_dim"], num_layers=arch["num_layers"], num_heads=arch["num_heads"],
-            in_channels=arch.get("in_channels", 1), cls_token=arch.get("cls_token", True),
+            in_channels=arch.get("in_channels", 1), cls_token=has_cls,
         )
-        self.select_layer = check_select_layer(arch["select_layer"], arch["num_layers"] + 1, f"{self.type} encoder")
-        self.include_cls = arch.get("cls_token", True) and arch["select_feature"] == "cls_patch"
-        self.has_cls = arch.get("cls_token", True)
-        self.width = arch["hidden_size"]
-        self.layout = TokenLayout(self.vit.grid, 1 if self.include_cls else 0)
+        super().__init__(arch, vit, has_cls=has_cls)
 
     @classmethod
     def from_recipe(cls, cfg: Any, volume: Optional[Any] = None, attn_implementation: str = "sdpa") -> "Vit3dEncoder":
@@ -95,11 +71,7 @@ class Vit3dEncoder(Encoder):
             "cls_token": bool(base.get("cls_token", True)), "in_channels": int(base.get("in_channels", 1)),
         }
         encoder = cls(arch)
-        if cfg.path is not None:
-            state, source = read_state_dict(Path(cfg.path), "vit3d encoder")
-            load_vision_weights(encoder.vit, state, source=source, what="vit3d encoder", prefix="")
-            mark_loaded(encoder)
-        return encoder
+        return encoder.load_released(Path(cfg.path), prefix="") if cfg.path is not None else encoder
 
     def save_pretrained(self, folder: str | Path) -> Path:
         """Write config.json + model.safetensors, a folder `path` can point at later."""
@@ -111,12 +83,3 @@ class Vit3dEncoder(Encoder):
         state = {k: v.detach().contiguous().cpu() for k, v in self.vit.state_dict().items()}
         save_file(state, str(folder / "model.safetensors"))
         return folder
-
-    def forward(self, volumes: torch.Tensor) -> torch.Tensor:
-        """(N, 1, D, H, W) in [0, 1] -> (N, T, width)."""
-        check_volume_shape(volumes, self.img_size, "vit3d encoder")
-        x = volumes.to(self.vit.patch_embedding.position_embeddings.dtype)
-        features = self.vit.hidden_states(x, self.select_layer)
-        if self.has_cls and not self.include_cls:
-            features = features[:, 1:]
-        return features
