@@ -146,6 +146,19 @@ def training_arguments(recipe: Recipe, run, quiet: bool):
     )
 
 
+def join_deepspeed_process_group(args) -> None:
+    """Under ZeRO-3, transformers builds the LLM inside `deepspeed.zero.Init`, which reads the world
+    size from DeepSpeed's own communication layer. Accelerate sets that layer up on GPUs but, on
+    CPUs, starts a plain torch process group; hand that group to DeepSpeed so every rank sees the
+    real world size (it would otherwise see 1 and reject the batch sizes)."""
+    if not args.deepspeed or int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return
+    from deepspeed import comm
+
+    if not comm.is_initialized():
+        comm.init_distributed(dist_backend=args.ddp_backend, auto_mpi_discovery=False)
+
+
 def train_stage(recipe: Recipe, *, resume: Optional[str] = None, overwrite: bool = False,
                 quiet: bool = False) -> Path:
     """Train one stage of a resolved recipe into its run folder; returns the folder."""
@@ -158,7 +171,10 @@ def train_stage(recipe: Recipe, *, resume: Optional[str] = None, overwrite: bool
     from medmvl_cli.engine.run_folder import RunFolder
     from medmvl_cli.engine.trainer import LVLMTrainer
 
+    from medmvl_cli.model.presets.models import materialise_recipe_presets
+
     run = RunFolder(recipe.output_dir)
+    materialise_recipe_presets(recipe)
     args = training_arguments(recipe, run, quiet)
     checkpoint = None
     with args.main_process_first(local=False, desc="prepare the run folder"):
@@ -167,6 +183,7 @@ def train_stage(recipe: Recipe, *, resume: Optional[str] = None, overwrite: bool
         elif resume:
             checkpoint = run.last_checkpoint() if resume == "auto" else Path(resume)
     transformers.set_seed(recipe.seed)
+    join_deepspeed_process_group(args)
     model, tokenizer, image_processor = build_training_model(recipe)
     train_set, eval_set = build_datasets(recipe, model, tokenizer, image_processor)
     callbacks = [MetricsFile(run.metrics_file)]

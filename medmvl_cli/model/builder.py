@@ -53,32 +53,15 @@ def build_model(
     spec = recipe.model
     dtype = resolve_dtype(dtype if dtype is not None else spec.llm.dtype)
     attn = check_attn_implementation(spec.llm.attn_implementation)
-    llm, tokenizer = load_llm(llm_folder(spec.llm), dtype, attn)
-    token_ids = ensure_placeholder_tokens(tokenizer, llm)
+    # Loading leaves the global RNG as it was, so the connectors get the same random weights
+    # however the LLM and the towers load: plainly, or sharded inside DeepSpeed ZeRO-3's
+    # zero.Init, which draws random numbers for the weights it then overwrites.
+    with torch.random.fork_rng(devices=[torch.cuda.current_device()] if torch.cuda.is_available() else []):
+        llm, tokenizer = load_llm(llm_folder(spec.llm), dtype, attn)
+        token_ids = ensure_placeholder_tokens(tokenizer, llm)
+        encoders, settings, image_processor = _load_encoders(spec, encoder_attn_implementation(attn))
     llm.config._name_or_path = ""  # a saved model keeps no path back to the LLM's folder
     mark_loaded(llm)
-    encoder_attn = encoder_attn_implementation(attn)
-
-    settings: dict[str, dict] = {}
-    encoders: dict[str, Any] = {}
-    image_processor = None
-    if spec.image is not None:
-        encoder = encoder_from_recipe(spec.image.encoder, attn_implementation=encoder_attn)
-        image_processor = getattr(encoder, "image_processor", None) or image_processor_from_arch(encoder.arch)
-        encoders["image"] = encoder
-        settings["image"] = {
-            "encoder": encoder.arch,
-            "connector": spec.image.connector.model_dump(mode="json"),
-            "window": list(spec.image.window) if spec.image.window else None,
-        }
-    if spec.image3d is not None:
-        encoder = encoder_from_recipe(spec.image3d.encoder, volume=spec.image3d.volume, attn_implementation=encoder_attn)
-        encoders["image3d"] = encoder
-        settings["image3d"] = {
-            "encoder": encoder.arch,
-            "connector": spec.image3d.connector.model_dump(mode="json"),
-            "volume": spec.image3d.volume.model_dump(mode="json"),
-        }
     config = MedmvlConfig(
         text_config=llm.config,
         image=settings.get("image"),
@@ -96,6 +79,32 @@ def build_model(
     model.to(dtype)
     log_summary(model)
     return model, tokenizer, image_processor
+
+
+def _load_encoders(spec: Any, attn_implementation: str) -> tuple[dict[str, Any], dict[str, dict], Optional[Any]]:
+    """The recipe's encoders by branch, their saved settings, and the 2D image processor (or None)."""
+    settings: dict[str, dict] = {}
+    encoders: dict[str, Any] = {}
+    image_processor = None
+    if spec.image is not None:
+        encoder = encoder_from_recipe(spec.image.encoder, attn_implementation=attn_implementation)
+        image_processor = getattr(encoder, "image_processor", None) or image_processor_from_arch(encoder.arch)
+        encoders["image"] = encoder
+        settings["image"] = {
+            "encoder": encoder.arch,
+            "connector": spec.image.connector.model_dump(mode="json"),
+            "window": list(spec.image.window) if spec.image.window else None,
+        }
+    if spec.image3d is not None:
+        encoder = encoder_from_recipe(spec.image3d.encoder, volume=spec.image3d.volume,
+                                      attn_implementation=attn_implementation)
+        encoders["image3d"] = encoder
+        settings["image3d"] = {
+            "encoder": encoder.arch,
+            "connector": spec.image3d.connector.model_dump(mode="json"),
+            "volume": spec.image3d.volume.model_dump(mode="json"),
+        }
+    return encoders, settings, image_processor
 
 
 def log_summary(model: MedmvlForConditionalGeneration) -> None:

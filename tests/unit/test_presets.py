@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -71,3 +72,28 @@ def test_unknown_presets_are_explained():
         llm_preset_dir("tiny-gpt")
     with pytest.raises(ModelError, match="clip"):
         encoder_preset_dir("vit3d")
+
+
+def test_a_writer_that_leaves_out_weights_marks_nothing_done(tmp_path):
+    # (What happened when a ZeRO-3 run built a preset: the partitioned model saved no weights.)
+    target = tmp_path / "presets" / "llm-broken"
+
+    def write_tokenizer_only(folder):
+        (folder / "tokenizer.json").write_text("{}")
+
+    with pytest.raises(ModelError, match="model.safetensors"):
+        models._materialise(target, write_tokenizer_only)
+    assert not target.exists() and not list(target.parent.iterdir())
+
+
+def test_a_recipe_s_presets_are_written_before_training_starts(tmp_path, monkeypatch):
+    from medmvl_cli.config.loader import load_recipe
+    from medmvl_cli.model.presets.models import materialise_recipe_presets
+
+    monkeypatch.setenv("MEDMVL_CACHE", str(tmp_path / "cache"))
+    recipe = load_recipe(Path(__file__).resolve().parents[2] / "recipes" / "quickstart" / "tiny-2d.yaml",
+                         stage="finetune")
+    materialise_recipe_presets(recipe)
+    written = sorted(p.name.rsplit("-", 1)[0] for p in (tmp_path / "cache" / "presets").iterdir())
+    assert written == ["encoder-clip", "llm-tiny-qwen2"]
+    assert all((p / "DONE").is_file() for p in (tmp_path / "cache" / "presets").iterdir())

@@ -70,14 +70,20 @@ def _folder(kind: str, name: str, definition: dict) -> Path:
     return cache_root() / "presets" / f"{kind}-{name}-{digest}"
 
 
-def _materialise(target: Path, write) -> Path:
-    """Write a folder once, atomically: build beside the target, then rename into place."""
+def _materialise(target: Path, write, required: tuple[str, ...] = ("config.json", "model.safetensors")) -> Path:
+    """Write a folder once, atomically: build beside the target, then rename into place.
+
+    `required` files must exist after `write`, or nothing is kept (a folder marked DONE is trusted)."""
     if (target / "DONE").is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
     try:
         write(staging)
+        missing = [name for name in required if not (staging / name).is_file()]
+        if missing:
+            raise ModelError(f"writing the preset {target.name} left out {', '.join(missing)}",
+                             hint="run `medmvl env` to check the installation, then retry")
         (staging / "DONE").write_text("ok\n")
         try:
             os.replace(staging, target)
@@ -122,6 +128,21 @@ def llm_preset_dir(name: str) -> Path:
 
     tokenizer_digest = hashlib.sha256((preset_tokenizer_dir(family) / "tokenizer.json").read_bytes()).hexdigest()
     return _materialise(_folder("llm", name, {**LLM_PRESETS[name], "tokenizer": tokenizer_digest}), write)
+
+
+def materialise_recipe_presets(recipe) -> None:
+    """Write the recipe's presets to the cache now, in plain single-process mode.
+
+    A training run calls this before its TrainingArguments exist: under DeepSpeed ZeRO-3,
+    transformers would build (and save) a preset's random model partitioned across the ranks."""
+    if recipe.model.llm.preset is not None:
+        llm_preset_dir(recipe.model.llm.preset)
+    for branch in (recipe.model.image, recipe.model.image3d):
+        encoder = getattr(branch, "encoder", None)
+        if getattr(encoder, "preset", None) is not None:
+            kind = getattr(encoder, "base", None) or encoder.type
+            if kind in ENCODER_PRESETS:
+                encoder_preset_dir(kind)
 
 
 def encoder_preset_dir(kind: str) -> Path:
