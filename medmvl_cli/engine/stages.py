@@ -170,7 +170,6 @@ def train_stage(recipe: Recipe, *, resume: Optional[str] = None, overwrite: bool
     from medmvl_cli.engine.callbacks import MetricsFile, RichProgress
     from medmvl_cli.engine.run_folder import RunFolder
     from medmvl_cli.engine.trainer import LVLMTrainer
-
     from medmvl_cli.model.presets.models import materialise_recipe_presets
 
     run = RunFolder(recipe.output_dir)
