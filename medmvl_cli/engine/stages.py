@@ -170,10 +170,10 @@ def train_stage(recipe: Recipe, *, resume: Optional[str] = None, overwrite: bool
     from medmvl_cli.engine.callbacks import MetricsFile, RichProgress
     from medmvl_cli.engine.run_folder import RunFolder
     from medmvl_cli.engine.trainer import LVLMTrainer
-    from medmvl_cli.model.presets.models import materialise_recipe_presets
+    from medmvl_cli.model.builder import materialise_presets
 
     run = RunFolder(recipe.output_dir)
-    materialise_recipe_presets(recipe)
+    materialise_presets(recipe)
     args = training_arguments(recipe, run, quiet)
     checkpoint = None
     with args.main_process_first(local=False, desc="prepare the run folder"):

@@ -22,7 +22,7 @@ from medmvl_cli.errors import ModelError
 from medmvl_cli.model.configuration import MedmvlConfig, register
 from medmvl_cli.model.encoders import encoder_from_recipe
 from medmvl_cli.model.encoders.base import mark_loaded
-from medmvl_cli.model.encoders.hf_tower import image_processor_from_arch
+from medmvl_cli.model.encoders.hf_tower import image_processor_from_arch, tower_folder
 from medmvl_cli.model.llm import (
     IMAGE3D_TOKEN,
     IMAGE_TOKEN,
@@ -79,6 +79,17 @@ def build_model(
     model.to(dtype)
     log_summary(model)
     return model, tokenizer, image_processor
+
+
+def materialise_presets(recipe: Any) -> None:
+    """Write the recipe's built-in presets to the cache now, as plain single-process models.
+
+    A training run calls this before its TrainingArguments exist: under DeepSpeed ZeRO-3,
+    transformers would build (and save) a preset's random model partitioned across the ranks."""
+    llm_folder(recipe.model.llm)
+    for branch in (recipe.model.image, recipe.model.image3d):
+        if branch is not None and branch.encoder.type != "vit3d":  # vit3d presets are built in code
+            tower_folder(branch.encoder)
 
 
 def _load_encoders(spec: Any, attn_implementation: str) -> tuple[dict[str, Any], dict[str, dict], Optional[Any]]:

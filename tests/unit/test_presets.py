@@ -88,12 +88,12 @@ def test_a_writer_that_leaves_out_weights_marks_nothing_done(tmp_path):
 
 def test_a_recipe_s_presets_are_written_before_training_starts(tmp_path, monkeypatch):
     from medmvl_cli.config.loader import load_recipe
-    from medmvl_cli.model.presets.models import materialise_recipe_presets
+    from medmvl_cli.model.builder import materialise_presets
 
     monkeypatch.setenv("MEDMVL_CACHE", str(tmp_path / "cache"))
     recipe = load_recipe(Path(__file__).resolve().parents[2] / "recipes" / "quickstart" / "tiny-2d.yaml",
                          stage="finetune")
-    materialise_recipe_presets(recipe)
+    materialise_presets(recipe)
     written = sorted(p.name.rsplit("-", 1)[0] for p in (tmp_path / "cache" / "presets").iterdir())
     assert written == ["encoder-clip", "llm-tiny-qwen2"]
     assert all((p / "DONE").is_file() for p in (tmp_path / "cache" / "presets").iterdir())

@@ -120,4 +120,4 @@ class MedmClipEncoder(VolumeViTEncoder):
 
     def normalize(self, volumes: torch.Tensor) -> torch.Tensor:
         """x 255, then MedM-CLIP's z-score, as its training data were."""
-        return (volumes.to(self.vit.pos_embedding.dtype) * 255.0 - MEAN) / STD
+        return (super().normalize(volumes) * 255.0 - MEAN) / STD

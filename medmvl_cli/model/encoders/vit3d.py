@@ -13,7 +13,6 @@ import logging
 from pathlib import Path
 from typing import Any, ClassVar, Optional
 
-
 from medmvl_cli.errors import ModelError
 from medmvl_cli.model.encoders.monai_vit import MonaiViT3d
 from medmvl_cli.model.encoders.released import read_config

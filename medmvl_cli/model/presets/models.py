@@ -130,21 +130,6 @@ def llm_preset_dir(name: str) -> Path:
     return _materialise(_folder("llm", name, {**LLM_PRESETS[name], "tokenizer": tokenizer_digest}), write)
 
 
-def materialise_recipe_presets(recipe) -> None:
-    """Write the recipe's presets to the cache now, in plain single-process mode.
-
-    A training run calls this before its TrainingArguments exist: under DeepSpeed ZeRO-3,
-    transformers would build (and save) a preset's random model partitioned across the ranks."""
-    if recipe.model.llm.preset is not None:
-        llm_preset_dir(recipe.model.llm.preset)
-    for branch in (recipe.model.image, recipe.model.image3d):
-        encoder = getattr(branch, "encoder", None)
-        if getattr(encoder, "preset", None) is not None:
-            kind = getattr(encoder, "base", None) or encoder.type
-            if kind in ENCODER_PRESETS:
-                encoder_preset_dir(kind)
-
-
 def encoder_preset_dir(kind: str) -> Path:
     """The HF folder (vision config, safetensors, image processor) of a tiny CLIP or SigLIP tower."""
     if kind not in ENCODER_PRESETS:
