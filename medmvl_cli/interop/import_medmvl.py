@@ -130,6 +130,7 @@ def fit_vocabulary(weights: dict[str, torch.Tensor], config, tokenizer, token_id
 def import_medm_vl(src: Path, out: Path, *, tokenizer_dir: Optional[Path] = None, llm_dir: Optional[Path] = None,
                    image_encoder_dir: Optional[Path] = None, image3d_encoder_dir: Optional[Path] = None,
                    template: Optional[str] = None, branch: str = "auto", num_slices: int = 32,
+                   slice_pooling: str = "concat",
                    dtype: Optional[str] = None, allow_approximate: bool = False, overwrite: bool = False) -> Path:
     """Convert the MedM-VL checkpoint in `src` into the run folder `out` (written atomically)."""
     from medmvl_cli.interop.staging import check_output, staged_folder
@@ -139,7 +140,7 @@ def import_medm_vl(src: Path, out: Path, *, tokenizer_dir: Optional[Path] = None
     check_output(out, overwrite, looks_like_run, "a medmvl run folder")
     checkpoint = read_checkpoint(src)
     plan, processor = plan_import(
-        checkpoint, branch=branch, num_slices=num_slices, template=template, image_encoder_dir=image_encoder_dir,
+        checkpoint, branch=branch, num_slices=num_slices, slice_pooling=slice_pooling, template=template, image_encoder_dir=image_encoder_dir,
         image3d_encoder_dir=image3d_encoder_dir, allow_approximate=allow_approximate,
     )
     text_config = llm_config(checkpoint, llm_dir)

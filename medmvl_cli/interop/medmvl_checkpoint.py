@@ -9,9 +9,13 @@ What `LVLMForConditionalGeneration.save_pretrained` writes (MSIIP/MedM-VL, lvlm/
   `lvlm_encoder_image_type` (clip | siglip), `lvlm_encoder_image_name_or_path`,
   `lvlm_encoder_image_select_layer`, `lvlm_encoder_image_select_feature` (patch | cls_patch),
   `lvlm_connector_image_type` (mlp | spatial_pooling | attn_pooling), `lvlm_connector_image_name`
-  (`mlp2x_gelu`: depth 2, GELU) and the same with `image3d` (m3dclip | medmclip). Older
-  checkpoints wrote the same fields without the `lvlm_` prefix and nested the sub-configs
-  (`llm_config`, `encoder_image_config`, `encoder_image3d_config`); both forms are read.
+  (`mlp2x_gelu`: depth 2, GELU) and the same with `image3d` (m3dclip | medmclip) — the code
+  since 2025-10-10 (b1b0770);
+- the code of the weights' release day (5a90f80, 2025-04-10, and before) wrote no `model_type`
+  at all, the same fields without the `lvlm_` prefix, and nested the whole sub-configs
+  (`llm_config`, `encoder_image_config` / `encoder_image3d_config` with `auto_map`,
+  `connector_*_config`); `*_name_or_path` point at the authors' folders and hub ids. Both forms
+  are read; the nested configs are enough, those paths are never needed.
 - `model.safetensors` (or shards, or `pytorch_model.bin`): `llm.*`, `encoder_image.encoder.*`,
   `connector_image.*`, `encoder_image3d.encoder.*`, `connector_image3d.*`.
 - the tokenizer files of the LLM.
@@ -89,15 +93,23 @@ def read_checkpoint(folder: Path) -> MedmvlCheckpoint:
         config = json.loads(path.read_text())
     except ValueError as err:
         raise ModelError(f"{path} is not valid JSON ({err})") from None
-    if config.get("model_type") != "lvlm":
+    checkpoint = MedmvlCheckpoint(folder, config)
+    if config.get("model_type") != "lvlm" and not is_release_day_layout(config):
         raise ModelError(
-            f"{path} has model_type {config.get('model_type')!r}, not MedM-VL's 'lvlm'",
+            f"{path} has model_type {config.get('model_type')!r}, not MedM-VL's 'lvlm' (nor the release-day layout: "
+            "no model_type, an LVLMForConditionalGeneration with llm_type and llm_config)",
             hint="for a medmvl model use `medmvl export`; for a LLaVA folder use transformers directly",
         )
-    checkpoint = MedmvlCheckpoint(folder, config)
     if checkpoint.get("llm_type") is None:
         raise ModelError(f"{path} has no lvlm_llm_type", hint="the checkpoint's config.json is incomplete")
     return checkpoint
+
+
+def is_release_day_layout(config: dict) -> bool:
+    """The config.json MedM-VL's code wrote up to its release day (5a90f80, the published weights):
+    its LVLMConfig had no model_type (so none is saved), unprefixed fields, nested sub-configs."""
+    return (not config.get("model_type") and "LVLMForConditionalGeneration" in (config.get("architectures") or [])
+            and config.get("llm_type") is not None)
 
 
 def component_folder(name_or_path: Optional[str], given: Optional[Path], what: str, option: str) -> Optional[Path]:

@@ -9,10 +9,12 @@ Faithfulness decisions (docs/interop.md has the full table):
 - `select_feature`: `patch` drops CLIP's CLS token in both; MedM-VL's SigLIP `patch` dropped the
   first *patch* (SigLIP has no CLS token), which medmvl cannot do: refused unless
   `allow_approximate` (then every patch is kept);
-- the CT-Chest model (a 2D SigLIP over the slices of a volume, attention pooling, connector
-  outputs averaged over slices) becomes a `slices` encoder with a `slice_mean` connector and
-  MedM-VL's preprocessing (HU window [-1000, 1000], foreground crop, slices x S x S, the encoder's
-  normalisation per slice).
+- the CT-Chest model (a 2D SigLIP over the slices of a volume, attention pooling) becomes a
+  `slices` encoder and its connector, pooled over slices as `slice_pooling` says: `concat` (MedM-VL
+  from 5a90f80, the weights' release day, to HEAD: the slices' tokens concatenated, (B, N·L, D), one
+  attention pooling over all of them) or `mean` (MedM-VL before it, 135db87: the connector on each
+  slice, its outputs averaged: `slice_mean: true`); with medmvl's volume preprocessing (HU window
+  [-1000, 1000] -> [0, 1], foreground crop, slices x S x S, the encoder's normalisation per slice).
 """
 
 from __future__ import annotations
@@ -35,6 +37,12 @@ ENCODERS_2D = ("clip", "siglip")
 ENCODERS_3D = {"m3dclip": "m3d_clip", "medmclip": "medm_clip"}
 ATTN_POOLING_HEADS = 8  # fixed in MedM-VL's AttnPooling
 SPATIAL_POOL = 2  # fixed in MedM-VL's SpatialPooling
+SLICE_POOLING = {
+    "concat": "the slices' tokens are concatenated and the connector pools them together (MedM-VL 5a90f80, "
+              "the weights' release day, to HEAD)",
+    "mean": "the connector runs on each slice and its outputs are averaged over slices (MedM-VL before 5a90f80, "
+            "135db87)",
+}
 CT_WINDOW = [-1000.0, 1000.0]
 # Buffers older transformers saved that current models rebuild (never weights).
 _BUFFER_SUFFIXES = ("rotary_emb.inv_freq", "embeddings.position_ids")
@@ -116,7 +124,7 @@ def image_processor(kind: str, folder: Optional[Path], image_size: int):
 
 
 def plan_2d(checkpoint: MedmvlCheckpoint, as_slices: bool, as_image: bool, encoder_dir: Optional[Path],
-            num_slices: int, allow_approximate: bool, notes: list[str]):
+            num_slices: int, slice_pooling: str, allow_approximate: bool, notes: list[str]):
     """The branches made from MedM-VL's 2D encoder (image, slices or both), and its processor."""
     kind = checkpoint.get("encoder_image_type")
     if kind not in ENCODERS_2D:
@@ -146,14 +154,14 @@ def plan_2d(checkpoint: MedmvlCheckpoint, as_slices: bool, as_image: bool, encod
             "image3d", {"type": "slices", "base": kind, "num_slices": num_slices, **section},
             {"type": "slices", "base": kind, "num_slices": num_slices, "select_layer": layer, "select_feature": feature,
              "base_arch": arch},
-            connector_spec(checkpoint, "connector_image", slice_mean=True),
+            connector_spec(checkpoint, "connector_image", slice_mean=slice_pooling == "mean"),
             volume={"size": [num_slices, side, side], "window": CT_WINDOW, "spacing": None, "orientation": "LPS",
                     "crop_foreground": True},
             renames=[(t, "image3d_encoder.base.tower.") for t in towers] + connector_renames("connector_image", "image3d"),
             dropped=dropped,
         ))
-        notes.append(f"the {kind} encoder runs over {num_slices} slices of each volume; the connector's outputs are "
-                     "averaged over slices (MedM-VL CT-Chest)")
+        notes.append(f"the {kind} encoder runs over {num_slices} slices of each volume; --slice-pooling "
+                     f"{slice_pooling}: {SLICE_POOLING[slice_pooling]}")
     return branches, (processor if as_image else None)
 
 
@@ -194,11 +202,14 @@ def plan_3d(checkpoint: MedmvlCheckpoint, encoder_dir: Optional[Path], notes: li
 
 
 def plan_import(checkpoint: MedmvlCheckpoint, *, branch: str = "auto", num_slices: int = 32,
-                template: Optional[str] = None, image_encoder_dir: Optional[Path] = None,
+                slice_pooling: str = "concat", template: Optional[str] = None, image_encoder_dir: Optional[Path] = None,
                 image3d_encoder_dir: Optional[Path] = None, allow_approximate: bool = False):
     """(the plan, the 2D image processor or None) for a checkpoint."""
     from medmvl_cli.data.templates import get_template
 
+    if slice_pooling not in SLICE_POOLING:
+        raise ModelError(f"slice pooling {slice_pooling!r} is not one MedM-VL used",
+                         hint=f"use one of {', '.join(SLICE_POOLING)}")
     notes: list[str] = []
     llm_type = checkpoint.get("llm_type")
     if template is None:
@@ -224,7 +235,7 @@ def plan_import(checkpoint: MedmvlCheckpoint, *, branch: str = "auto", num_slice
     processor = None
     if has_2d:
         branches, processor = plan_2d(checkpoint, branch in ("slices", "both"), branch in ("2d", "both"),
-                                      image_encoder_dir, num_slices, allow_approximate, notes)
+                                      image_encoder_dir, num_slices, slice_pooling, allow_approximate, notes)
     if has_3d:
         branches.append(plan_3d(checkpoint, image3d_encoder_dir, notes))
     return Plan(branches, template, notes), processor

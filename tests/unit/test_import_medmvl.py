@@ -4,7 +4,9 @@ Each imported model is checked against a reference forward written here from the
 weights the way MedM-VL's own code computes it (lvlm/model/modeling_lvlm.py and its encoders /
 connectors): HF vision towers indexed by `hidden_states[select_layer]`, M3D's MONAI ViT returning
 its block outputs, `nn.MultiheadAttention` pooling with learned queries, connector outputs averaged
-over slices for the CT-Chest model, features spliced into the prompt between its text chunks.
+over slices for `--slice-pooling mean` (MedM-VL before its release day), features spliced into the
+prompt between its text chunks. test_import_medmvl_fixtures.py checks checkpoints and logits that
+MedM-VL's own code wrote.
 """
 
 from __future__ import annotations
@@ -171,8 +173,8 @@ def ct_chest(tmp_path_factory):
 
 
 def ct_reference_logits(parts: dict, volume_u8: np.ndarray, question: str = QUESTION_3D) -> torch.Tensor:
-    """MedM-VL: the [0, 255] volume as uint8 through the SigLIP processor slice by slice, the 2D
-    encoder and connector per slice, the connector outputs averaged over slices."""
+    """The [0, 255] volume as uint8 through the SigLIP processor slice by slice, the 2D encoder and
+    connector per slice, the connector outputs averaged over slices (`--slice-pooling mean`)."""
     slices = torch.from_numpy(volume_u8)[:, None].expand(-1, 3, -1, -1)  # (D, 3, H, W) uint8
     pixels = parts["processor"](slices, return_tensors="pt")["pixel_values"]
     with torch.no_grad():
@@ -204,7 +206,8 @@ def hu_volume(seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
 
 def test_ct_chest_import_gives_medmvl_logits(ct_chest, tmp_path):
     root, src, parts = ct_chest
-    result = runner.invoke(app, ["import", "medm-vl", str(src), "--out", str(tmp_path / "run"), "--num-slices", "4"])
+    result = runner.invoke(app, ["import", "medm-vl", str(src), "--out", str(tmp_path / "run"), "--num-slices", "4",
+                                 "--slice-pooling", "mean"])
     assert result.exit_code == 0, result.output
     run = tmp_path / "run"
     assert (run / "FINISHED").is_file() and (run / "recipe.yaml").is_file()
@@ -248,7 +251,7 @@ def test_ct_chest_import_gives_medmvl_logits(ct_chest, tmp_path):
 def test_the_mean_over_slices_matters(ct_chest, tmp_path):
     """Concatenating the slices' tokens (medmvl's plain `slices`) is not what MedM-VL computes."""
     root, src, parts = ct_chest
-    run = import_medm_vl(src, tmp_path / "run", num_slices=SLICES)
+    run = import_medm_vl(src, tmp_path / "run", num_slices=SLICES, slice_pooling="mean")
     model = load_model(run / "model")[0].eval()
     _, u8 = hu_volume(1)
     volumes = torch.from_numpy(u8).float()[None, None] / 255
