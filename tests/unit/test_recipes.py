@@ -200,3 +200,28 @@ def test_docs_recipes_md_is_generated_from_the_schema():
     assert committed == render(), "docs/recipes.md is stale: python -m medmvl_cli.config.reference > docs/recipes.md"
     for key in ("model.image3d.volume.size", "train.lr", "lora.target_modules", "data.train.N.weight"):
         assert f"`{key}`" in committed
+
+
+MEDMVL_RECIPES = [p for p in SHIPPED if p.parent.name.startswith("medmvl-")]
+
+
+@pytest.mark.parametrize("recipe", MEDMVL_RECIPES, ids=lambda p: str(p.relative_to(RECIPES)))
+def test_medmvl_recipes_follow_medm_vls_release_day_scripts(recipe):
+    """Each names the MedM-VL script (5a90f80) it follows, cites lines, and keeps what those scripts
+    set: SigLIP-base-p16-256-multilingual or M3D-CLIP at their last layer, the stage's trainable parts."""
+    import re
+
+    text = recipe.read_text()
+    assert re.search(r"5a90f80 scripts/train/\S+\.sh", text) and re.search(r"# :\d+", text)
+    loaded, problems = check_recipe(recipe)
+    assert problems == []
+    branch = loaded.model.image or loaded.model.image3d
+    assert branch.encoder.select_layer == -1
+    if branch.encoder.type in ("siglip", "slices"):
+        assert branch.encoder.path == "google/siglip-base-patch16-256-multilingual"
+        assert branch.encoder.select_feature == "cls_patch"
+    if branch.connector.type == "attention_pooling":
+        assert branch.connector.num_queries == 256 and not branch.connector.slice_mean  # the release-day code
+    trainable = loaded.trainable.model_dump()
+    encoder = trainable["image_encoder" if loaded.model.image else "image3d_encoder"]
+    assert encoder == {"pretrain": "frozen", "finetune": "full", "lora": "frozen"}[loaded.stage]
