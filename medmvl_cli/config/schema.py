@@ -132,7 +132,7 @@ class MlpConnector(Section):
     depth: int = Field(2, gt=0, description="Number of Linear layers.")
     activation: Activation = Field("gelu", description="Activation between the Linear layers.")
     slice_mean: bool = Field(
-        False, description="Run on each slice's tokens and average over slices (MedM-VL CT-Chest; `slices` encoder only)."
+        False, description="Run on each slice's tokens and average over slices (MedM-VL before 5a90f80: `--slice-pooling mean`; `slices` encoder only)."
     )
 
 
@@ -158,7 +158,7 @@ class AttentionPoolingConnector(Section):
     depth: int = Field(2, gt=0, description="Number of Linear layers after attention.")
     activation: Activation = Field("gelu", description="Activation between the Linear layers.")
     slice_mean: bool = Field(
-        False, description="Run on each slice's tokens and average over slices (MedM-VL CT-Chest; `slices` encoder only)."
+        False, description="Run on each slice's tokens and average over slices (MedM-VL before 5a90f80: `--slice-pooling mean`; `slices` encoder only)."
     )
 
 

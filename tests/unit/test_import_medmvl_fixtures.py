@@ -119,6 +119,23 @@ def test_a_hu_volume_maps_onto_the_release_day_ct_input(tmp_path):
     assert torch.allclose(volumes[0], reference["raw_input"][0] / 255.0, atol=1e-5)
 
 
+def test_medm_vls_own_0_255_files_read_exactly_with_window_0_255(tmp_path):
+    """MedM-VL's preprocessed (1, D, H, W) 0..255 .npy files, given window [0, 255] and no crop
+    (docs/interop.md), become exactly the input MedM-VL's processor made of them."""
+    from medmvl_cli.inference.generate import Predictor
+
+    case = "release/slices_attn_pooling"
+    reference = load_file(str(FIXTURES / case / "reference.safetensors"))
+    run = import_fixture(case, tmp_path / "run")
+    config_path = run / "model" / "config.json"
+    config = json.loads(config_path.read_text())
+    config["image3d"]["volume"].update(window=[0.0, 255.0], crop_foreground=False)
+    config_path.write_text(json.dumps(config))
+    np.save(tmp_path / "medm-vl.npy", reference["raw_input"][0].numpy())  # (1, D, H, W) as MedM-VL stores them
+    volumes = Predictor(run / "model").media.volumes([tmp_path / "medm-vl.npy"])
+    assert torch.allclose(volumes[0], reference["raw_input"][0] / 255.0, atol=1e-6)
+
+
 def test_a_release_day_config_without_model_type_and_with_foreign_paths_is_read(tmp_path):
     config = json.loads((FIXTURES / "release" / "m3dclip_spatial_pooling" / "checkpoint" / "config.json").read_text())
     assert "model_type" not in config and config["llm_type"] == "llama3"

@@ -8,7 +8,8 @@
 
 `slice_mean: true` (any type; a (slices, gh, gw) grid, as the `slices` encoder gives): the
 connector runs on each slice's tokens alone and its outputs are averaged over the slices, as
-MedM-VL's CT-Chest model does (`medmvl import medm-vl`). Tokens out: those of one slice.
+MedM-VL's code did before its weights' release day (135db87; `medmvl import medm-vl
+--slice-pooling mean`). Tokens out: those of one slice.
 """
 
 from __future__ import annotations

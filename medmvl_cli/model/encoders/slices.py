@@ -5,8 +5,9 @@ the 2D tower as one batch of images: resized (bilinear) to the tower's image siz
 channels and normalised with the tower's image-processor mean / std. Output: the slices' features
 concatenated along tokens, (B, D·T, width), slice by slice; the layout's grid is (D, gh, gw), with
 one CLS token at the head of each slice when the tower has one and `select_feature: cls_patch`.
-(MedM-VL instead averaged the connector outputs over slices; pooling over the (D, gh, gw) grid with
-a `spatial_pooling` or `attention_pooling` connector keeps the slice axis.)
+(MedM-VL's CT-Chest code from its weights' release day, 5a90f80, on does the same and pools all
+slices' tokens with one attention pooling; before it, it averaged per-slice connector outputs,
+the connectors' `slice_mean`.)
 """
 
 from __future__ import annotations
