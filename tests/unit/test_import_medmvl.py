@@ -393,6 +393,7 @@ def broken_copy(src: Path, dst: Path, edit) -> Path:
     (lambda s, c: s.update({"llm.base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight": torch.zeros(2)}),
      "unmerged LoRA adapter"),
     (lambda s, c: c.update(model_type="llava"), "not MedM-VL's 'lvlm'"),
+    (lambda s, c: c.pop("model_type"), "nor the release-day layout"),  # no model_type, yet lvlm_ fields
     (lambda s, c: c.update(lvlm_connector_image_name="linear"), "mlp<depth>x_gelu"),
     (lambda s, c: c.update(lvlm_connector_image_name="mlp1x_gelu"),
      "unexpected: connector_image.connector.2.bias (as image3d_connector.mlp.2.bias)"),
