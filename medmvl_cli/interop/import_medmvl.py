@@ -140,8 +140,8 @@ def import_medm_vl(src: Path, out: Path, *, tokenizer_dir: Optional[Path] = None
     check_output(out, overwrite, looks_like_run, "a medmvl run folder")
     checkpoint = read_checkpoint(src)
     plan, processor = plan_import(
-        checkpoint, branch=branch, num_slices=num_slices, slice_pooling=slice_pooling, template=template, image_encoder_dir=image_encoder_dir,
-        image3d_encoder_dir=image3d_encoder_dir, allow_approximate=allow_approximate,
+        checkpoint, branch=branch, num_slices=num_slices, slice_pooling=slice_pooling, template=template,
+        image_encoder_dir=image_encoder_dir, image3d_encoder_dir=image3d_encoder_dir, allow_approximate=allow_approximate,
     )
     text_config = llm_config(checkpoint, llm_dir)
     tokenizer = load_tokenizer(checkpoint, tokenizer_dir, llm_dir, text_config)
