@@ -47,6 +47,15 @@ def import_fixture(case: str, out: Path, *extra: str) -> Path:
     return out
 
 
+RELEASE_CT = "release/slices_attn_pooling"
+
+
+@pytest.fixture(scope="module")
+def release_ct(tmp_path_factory) -> Path:
+    """The release-day CT-Chest fixture imported once (defaults: --as slices --slice-pooling concat)."""
+    return import_fixture(RELEASE_CT, tmp_path_factory.mktemp("release_ct") / "run")
+
+
 def medmvl_inputs(model, case: str, reference: dict) -> dict:
     """MedM-VL's inputs as medmvl takes them: each -200 / -201 placeholder expanded to the model's
     token count, the image as medmvl's encoders take it."""
@@ -88,12 +97,12 @@ def test_imported_fixture_gives_medm_vls_logits(case, tmp_path):
     assert difference < 1e-4, f"{case}: max logit difference {difference}"
 
 
-def test_the_release_day_ct_chest_pools_the_slices_together(tmp_path):
+def test_the_release_day_ct_chest_pools_the_slices_together(release_ct, tmp_path):
     """--slice-pooling mean (the code before the release day) is another model: its logits differ,
     and the choice is written in the run's recipe."""
-    case = "release/slices_attn_pooling"
+    case = RELEASE_CT
     reference = load_file(str(FIXTURES / case / "reference.safetensors"))
-    concat = import_fixture(case, tmp_path / "concat")
+    concat = release_ct
     mean = import_fixture(case, tmp_path / "mean", "--slice-pooling", "mean")
     assert "--slice-pooling concat" in (concat / "recipe.yaml").read_text()
     assert "--slice-pooling mean" in (mean / "recipe.yaml").read_text()
@@ -105,28 +114,28 @@ def test_the_release_day_ct_chest_pools_the_slices_together(tmp_path):
     assert difference > 1e-3
 
 
-def test_a_hu_volume_maps_onto_the_release_day_ct_input(tmp_path):
+def test_a_hu_volume_maps_onto_the_release_day_ct_input(release_ct, tmp_path):
     """MedM-VL-CT-Chest reads (1, D, H, W) arrays already in 0..255; medmvl's preprocessing of the
     HU volume those came from (window [-1000, 1000]) gives the same input."""
     from medmvl_cli.inference.generate import Predictor
 
-    case = "release/slices_attn_pooling"
-    reference = load_file(str(FIXTURES / case / "reference.safetensors"))
-    run = import_fixture(case, tmp_path / "run")
+    reference = load_file(str(FIXTURES / RELEASE_CT / "reference.safetensors"))
+    run = release_ct
     u8 = reference["raw_input"][0, 0].numpy()
     np.save(tmp_path / "ct.npy", (u8 / 255.0 * 2000.0 - 1000.0).astype(np.float32))
     volumes = Predictor(run / "model").media.volumes([tmp_path / "ct.npy"])
     assert torch.allclose(volumes[0], reference["raw_input"][0] / 255.0, atol=1e-5)
 
 
-def test_medm_vls_own_0_255_files_read_exactly_with_window_0_255(tmp_path):
+def test_medm_vls_own_0_255_files_read_exactly_with_window_0_255(release_ct, tmp_path):
     """MedM-VL's preprocessed (1, D, H, W) 0..255 .npy files, given window [0, 255] and no crop
     (docs/interop.md), become exactly the input MedM-VL's processor made of them."""
+    import shutil
+
     from medmvl_cli.inference.generate import Predictor
 
-    case = "release/slices_attn_pooling"
-    reference = load_file(str(FIXTURES / case / "reference.safetensors"))
-    run = import_fixture(case, tmp_path / "run")
+    reference = load_file(str(FIXTURES / RELEASE_CT / "reference.safetensors"))
+    run = Path(shutil.copytree(release_ct, tmp_path / "run"))
     config_path = run / "model" / "config.json"
     config = json.loads(config_path.read_text())
     config["image3d"]["volume"].update(window=[0.0, 255.0], crop_foreground=False)
@@ -147,11 +156,11 @@ def test_a_release_day_config_without_model_type_and_with_foreign_paths_is_read(
 
 
 @pytest.mark.slow
-def test_lora_finetune_of_an_imported_release_day_model_trains_and_answers(tmp_path, monkeypatch):
+def test_lora_finetune_of_an_imported_release_day_model_trains_and_answers(release_ct, tmp_path, monkeypatch):
     from medmvl_cli.data.synth import synthesize
 
     monkeypatch.chdir(tmp_path)
-    run = import_fixture("release/slices_attn_pooling", tmp_path / "imported")
+    run = release_ct
     data = tmp_path / "data"
     synthesize(data, kind="3d", n=6, seed=1, volume_size=(8, 24, 24), questions="easy")
     result = runner.invoke(app, [
