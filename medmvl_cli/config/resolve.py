@@ -65,12 +65,28 @@ def cross_check(tree: dict, stage: Optional[str]) -> list[Problem]:
                 "model.image3d.encoder.num_slices", f"is {slices} but model.image3d.volume.size[0] is {size[0]}",
                 hint="a slices encoder takes every slice of the preprocessed volume: make them equal",
             ))
+    problems += _tracker_problems(_get(tree, "train", "report_to"))
     deepspeed = _get(tree, "distributed", "deepspeed")
     if isinstance(deepspeed, str) and deepspeed not in DEEPSPEED_PRESETS and not deepspeed.endswith(".json"):
         problems.append(Problem(
             "distributed.deepspeed", f"{deepspeed!r} is neither a preset nor a .json file",
             hint="use zero2, zero3 or the path of a DeepSpeed config .json",
         ))
+    return problems
+
+
+def _tracker_problems(names: Any) -> list[Problem]:
+    """A tracker whose package is not installed is a recipe problem naming the pip install."""
+    from medmvl_cli.config.trackers import missing_package
+
+    problems = []
+    for index, name in enumerate(names if isinstance(names, list) else []):
+        package = missing_package(name) if isinstance(name, str) else None
+        if package is not None:
+            problems.append(Problem(
+                f"train.report_to.{index}", f"tracker {name!r} needs the {package} package, which is not installed",
+                hint=f"pip install {package}, or remove {name!r} from train.report_to",
+            ))
     return problems
 
 

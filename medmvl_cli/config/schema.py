@@ -7,9 +7,12 @@ schema describes what a user may write and `config show` prints what will actual
 
 from __future__ import annotations
 
+import difflib
 from typing import Annotated, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from medmvl_cli.config.trackers import NO_TRACKER, TRACKERS
 
 Stage = Literal["pretrain", "finetune", "lora"]
 STAGES: tuple[str, ...] = ("pretrain", "finetune", "lora")
@@ -352,9 +355,22 @@ class TrainConfig(Section):
     save_steps: int = Field(500, gt=0, description="Checkpoint every N steps.")
     save_total_limit: Optional[int] = Field(2, gt=0, description="Keep at most N checkpoints (null = all).")
     eval_steps: Optional[int] = Field(None, gt=0, description="Evaluate every N steps (null = at the end only).")
-    report_to: list[Literal["tensorboard", "none"]] = Field(
-        default_factory=lambda: ["tensorboard"], description="Loggers beside metrics.jsonl."
+    report_to: list[str] = Field(
+        default_factory=lambda: ["tensorboard"],
+        description="Experiment trackers beside metrics.jsonl: any HF Trainer integration (tensorboard, wandb, "
+                    "mlflow, comet_ml, trackio, clearml, ...), or [none].",
     )
+
+    @field_validator("report_to")
+    @classmethod
+    def _known_trackers(cls, names: list[str]) -> list[str]:
+        known = [*TRACKERS, NO_TRACKER]
+        for name in names:
+            if name not in known:
+                close = difflib.get_close_matches(name, known, n=1)
+                raise ValueError(f"unknown tracker {name!r}" + (f"; did you mean {close[0]!r}?" if close else "")
+                                 + f" (one of: {', '.join(known)})")
+        return names
 
 
 class DistributedConfig(Section):

@@ -106,7 +106,7 @@ def training_arguments(recipe: Recipe, run, quiet: bool):
     cuda = torch.cuda.is_available()
     report_to = [r for r in train.report_to if r != "none"] or "none"
     if report_to != "none":
-        os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(run.logs_dir))
+        tracker_logs_in(run.logs_dir)
     return TrainingArguments(
         output_dir=str(run.checkpoints_dir),
         per_device_train_batch_size=train.batch_size,
@@ -128,6 +128,7 @@ def training_arguments(recipe: Recipe, run, quiet: bool):
         eval_strategy="steps" if (train.eval_steps and recipe.data.eval) else "no",
         eval_steps=train.eval_steps,
         report_to=report_to,
+        run_name=run.root.name,
         seed=recipe.seed,
         data_seed=recipe.seed,
         bf16=dtype == "bfloat16",
@@ -144,6 +145,14 @@ def training_arguments(recipe: Recipe, run, quiet: bool):
         ddp_find_unused_parameters=any(
             getattr(recipe.trainable, f"{branch}_encoder") == "full" for branch in ("image", "image3d")),
     )
+
+
+def tracker_logs_in(logs_dir: Path) -> None:
+    """Trackers that write locally (TensorBoard, an offline wandb, a file-based MLflow) write into the
+    run's logs/ folder (made once the run folder is prepared) unless the user's environment says otherwise."""
+    os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(logs_dir))
+    os.environ.setdefault("WANDB_DIR", str(logs_dir))
+    os.environ.setdefault("MLFLOW_TRACKING_URI", (logs_dir / "mlruns").resolve().as_uri())
 
 
 def join_deepspeed_process_group(args) -> None:
@@ -167,7 +176,7 @@ def train_stage(recipe: Recipe, *, resume: Optional[str] = None, overwrite: bool
 
     from medmvl_cli.config.loader import dump_recipe
     from medmvl_cli.data.collator import LVLMCollator
-    from medmvl_cli.engine.callbacks import MetricsFile, RichProgress
+    from medmvl_cli.engine.callbacks import MetricsFile, TrainingProgress
     from medmvl_cli.engine.run_folder import RunFolder
     from medmvl_cli.engine.trainer import LVLMTrainer
     from medmvl_cli.model.builder import materialise_presets
@@ -179,6 +188,7 @@ def train_stage(recipe: Recipe, *, resume: Optional[str] = None, overwrite: bool
     with args.main_process_first(local=False, desc="prepare the run folder"):
         if args.process_index == 0:
             checkpoint = run.prepare(dump_recipe(recipe), overwrite=overwrite, resume=resume)
+            run.logs_dir.mkdir(exist_ok=True)
         elif resume:
             checkpoint = run.last_checkpoint() if resume == "auto" else Path(resume)
     transformers.set_seed(recipe.seed)
@@ -187,7 +197,7 @@ def train_stage(recipe: Recipe, *, resume: Optional[str] = None, overwrite: bool
     train_set, eval_set = build_datasets(recipe, model, tokenizer, image_processor)
     callbacks = [MetricsFile(run.metrics_file)]
     if not quiet:
-        callbacks.append(RichProgress())
+        callbacks.append(TrainingProgress())
     trainer = LVLMTrainer(
         model=model, args=args, train_dataset=train_set, eval_dataset=eval_set,
         data_collator=LVLMCollator(tokenizer.pad_token_id, packing=recipe.data.packing),
@@ -202,14 +212,16 @@ def train_stage(recipe: Recipe, *, resume: Optional[str] = None, overwrite: bool
         trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     finally:
         for callback in trainer.callback_handler.callbacks:
-            if isinstance(callback, RichProgress):
+            if isinstance(callback, TrainingProgress):
                 callback.on_train_end(args, trainer.state, trainer.control)
     verify_replicas(trainer)
     if trainer.skipped_records:
         logger.warning("skipped %d record(s) whose files failed to load: %s", len(trainer.skipped_records),
                        ", ".join(trainer.skipped_records[:20]))
     if eval_set is not None:
-        metrics = trainer.evaluate()
+        evaluated = [row for row in trainer.state.log_history
+                     if "eval_loss" in row and row.get("step") == trainer.state.global_step]
+        metrics = evaluated[-1] if evaluated else trainer.evaluate()  # the last step may have just been evaluated
         logger.info("eval loss %.4f", metrics.get("eval_loss", float("nan")))
     save_final_model(trainer, run, tokenizer, image_processor, recipe)
     return run.root
