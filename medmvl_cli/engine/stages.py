@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from pathlib import Path
 from typing import Optional
 
 from medmvl_cli.config.schema import Recipe
+from medmvl_cli.engine.run_folder import BEST, write_atomic
 from medmvl_cli.errors import RunError
 
 logger = logging.getLogger(__name__)
@@ -127,6 +129,8 @@ def training_arguments(recipe: Recipe, run, quiet: bool):
         save_total_limit=None,  # the trainer rotates its own step-N folders
         eval_strategy="steps" if (train.eval_steps and recipe.data.eval) else "no",
         eval_steps=train.eval_steps,
+        metric_for_best_model=f"eval_{best_metric(recipe)}" if recipe.data.eval else None,
+        greater_is_better=best_metric(recipe) != "loss",
         report_to=report_to,
         run_name=run.root.name,
         seed=recipe.seed,
@@ -145,6 +149,13 @@ def training_arguments(recipe: Recipe, run, quiet: bool):
         ddp_find_unused_parameters=any(
             getattr(recipe.trainable, f"{branch}_encoder") == "full" for branch in ("image", "image3d")),
     )
+
+
+def best_metric(recipe: Recipe) -> str:
+    """The metric that makes an evaluation the best: train.metric_for_best, else exact match when
+    answers are generated, else the eval loss."""
+    train = recipe.train
+    return train.metric_for_best or ("exact_match" if train.eval_generate else "loss")
 
 
 def tracker_logs_in(logs_dir: Path) -> None:
@@ -195,6 +206,11 @@ def train_stage(recipe: Recipe, *, resume: Optional[str] = None, overwrite: bool
     join_deepspeed_process_group(args)
     model, tokenizer, image_processor = build_training_model(recipe)
     train_set, eval_set = build_datasets(recipe, model, tokenizer, image_processor)
+    generation_eval = None
+    if eval_set is not None and recipe.train.eval_generate:
+        from medmvl_cli.engine.generation_eval import GenerationEval
+
+        generation_eval = GenerationEval(recipe, tokenizer, image_processor)
     callbacks = [MetricsFile(run.metrics_file)]
     if not quiet:
         callbacks.append(TrainingProgress())
@@ -204,6 +220,7 @@ def train_stage(recipe: Recipe, *, resume: Optional[str] = None, overwrite: bool
         callbacks=callbacks, sampler_weights=[s.weight for s in recipe.data.train],
         group_by_length=recipe.data.group_by_length, keep_checkpoints=recipe.train.save_total_limit,
         param_lrs=component_learning_rates(model, recipe),
+        generation_eval=generation_eval, keep_best=recipe.train.keep_best,
     )
     trainer.remove_callback(PrinterCallback)  # logs go to metrics.jsonl and the progress bar
     if checkpoint is not None:
@@ -223,8 +240,29 @@ def train_stage(recipe: Recipe, *, resume: Optional[str] = None, overwrite: bool
                      if "eval_loss" in row and row.get("step") == trainer.state.global_step]
         metrics = evaluated[-1] if evaluated else trainer.evaluate()  # the last step may have just been evaluated
         logger.info("eval loss %.4f", metrics.get("eval_loss", float("nan")))
+        best = settle_best(trainer, run, recipe, metrics)
     save_final_model(trainer, run, tokenizer, image_processor, recipe)
+    if eval_set is not None and trainer.args.should_save:
+        write_atomic(run.root / BEST, json.dumps(best, indent=2) + "\n")
     return run.root
+
+
+def settle_best(trainer, run, recipe: Recipe, final_metrics: dict) -> dict:
+    """Which evaluation was the best (the final one counts too); with train.keep_best, put its
+    weights back in the model before it is saved. Returns what best.json records."""
+    metric = trainer.args.metric_for_best_model
+    final_value = final_metrics.get(metric)
+    step, value = trainer.state.best_global_step, trainer.state.best_metric
+    better = (lambda a, b: a > b) if trainer.args.greater_is_better else (lambda a, b: a < b)
+    if final_value is not None and (value is None or not step or better(final_value, value)):
+        step, value = trainer.state.global_step, final_value
+    kept = bool(recipe.train.keep_best and step and step != trainer.state.global_step)
+    if kept:
+        checkpoint = run.checkpoints_dir / f"step-{step}"
+        logger.info("keep_best: the model is step %d's (%s %.4f), read from %s", step, metric, value, checkpoint)
+        trainer._load_from_checkpoint(str(checkpoint))
+    return {"metric": metric, "step": step, "value": value, "final_step": trainer.state.global_step,
+            "model_is_best": kept or step == trainer.state.global_step}
 
 
 def verify_replicas(trainer) -> None:

@@ -36,3 +36,12 @@ def test_installed_trackers_pass(write_recipe, monkeypatch):
     monkeypatch.setattr(trackers, "_importable", lambda module: True)
     recipe = load_recipe(write_recipe(TINY_2D), ["train.report_to=[tensorboard,wandb,mlflow]"], stage="finetune")
     assert recipe.train.report_to == ["tensorboard", "wandb", "mlflow"]
+
+
+def test_best_metric_names_are_medmvl_evals_own():
+    from typing import get_args
+
+    from medmvl_cli.config.schema import BestMetric
+    from medmvl_cli.evaluation.report import METRICS
+
+    assert set(get_args(BestMetric)) == {"loss"} | {key for key, _ in METRICS if key != "bertscore_f1"}
