@@ -10,6 +10,9 @@ import pytest
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Runs compared with each other (resume, DDP vs one process) use the same thread count whatever the
+# machine's load; the automatic choice has its own tests (tests/unit/test_threads.py).
+os.environ.setdefault("MEDMVL_THREADS", str(os.cpu_count() or 1))
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPES = REPO / "recipes"

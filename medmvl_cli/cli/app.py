@@ -59,9 +59,17 @@ def root(
         typer.Option("--version", callback=_version_callback, is_eager=True, help="Print the version and exit."),
     ] = None,
     debug: Annotated[bool, typer.Option("--debug", help="Show full tracebacks and debug logs.")] = False,
+    threads: Annotated[
+        Optional[int],
+        typer.Option("--threads", min=1, help="CPU threads to compute with (default: the CPUs available less "
+                     "the load already on them; also $MEDMVL_THREADS). `medmvl env` shows the choice."),
+    ] = None,
 ) -> None:
     """medmvl: medical LVLMs from YAML recipes, on one CPU or many GPUs."""
+    from medmvl_cli import threads as thread_policy
+
     _state["debug"] = debug
+    thread_policy.apply(thread_policy.choose(threads))  # before any command imports torch
     if not debug:
         # Our own rich progress bars report long work; the libraries' tqdm bars only add noise.
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")

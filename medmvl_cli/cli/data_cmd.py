@@ -77,6 +77,7 @@ def validate(
     from rich.console import Console
 
     from medmvl_cli.data.validate import roots_from_recipe, validate_annotations
+    from medmvl_cli.progress import JobProgress
 
     loaded = None
     if recipe is not None:
@@ -87,12 +88,11 @@ def validate(
         image_root = image_root or (Path(recipe_image_root) if recipe_image_root else None)
         volume_root = volume_root or (Path(recipe_volume_root) if recipe_volume_root else None)
 
-    err = Console(stderr=True)
-    with _progress(err, enabled=not quiet and not as_json and err.is_terminal) as on_progress:
+    with JobProgress("checking files", enabled=not (quiet or as_json), transient=True, unit="files") as progress:
         report = validate_annotations(
             annotations, image_root, volume_root, strict_paths=strict_paths, workers=workers,
             mode=mode.value, check_files=not no_files, full_decode=full_decode, recipe=loaded,
-            progress=on_progress,
+            progress=progress.update,
         )
     if as_json:
         typer.echo(json.dumps(report.to_dict(), indent=2, ensure_ascii=False))
@@ -100,31 +100,6 @@ def validate(
         _print_summary(report, Console(), show)
     if not report.ok:
         raise typer.Exit(1)
-
-
-class _progress:
-    """A transient rich progress bar for the file checks, or a no-op."""
-
-    def __init__(self, console, enabled: bool):
-        self.console, self.enabled, self.bar, self.task = console, enabled, None, None
-
-    def __enter__(self):
-        if not self.enabled:
-            return None
-        from rich.progress import Progress
-
-        self.bar = Progress(console=self.console, transient=True)
-        self.bar.start()
-        self.task = self.bar.add_task("checking files", total=None)
-        return self.update
-
-    def update(self, done: int, total: int) -> None:
-        self.bar.update(self.task, completed=done, total=total)
-
-    def __exit__(self, *exc):
-        if self.bar is not None:
-            self.bar.stop()
-        return False
 
 
 def _print_summary(report, console, show: int) -> None:
@@ -264,6 +239,7 @@ def cache(
     from medmvl_cli.data.annotations import default_root, read_records, resolve_media_path
     from medmvl_cli.data.volume_cache import VolumeCache
     from medmvl_cli.errors import RecipeError
+    from medmvl_cli.progress import JobProgress
 
     resolved = load_recipe(recipe, overrides or [])
     if resolved.data.cache_dir is None or resolved.model.image3d is None:
@@ -275,10 +251,10 @@ def cache(
         for record in read_records(spec.annotations):
             paths.extend(resolve_media_path(p, root) for p in record.volumes)
     console = Console(stderr=True)
-    with _progress(console, not quiet) as update:
+    with JobProgress("caching volumes", console, enabled=not quiet, unit="volumes") as progress:
         report = VolumeCache(resolved.data.cache_dir).fill(
             paths, resolved.model.image3d.volume, workers=workers,
-            progress=(lambda done, total, _path: update(done, total)) if update else None,
+            progress=lambda done, total, _path: progress.update(done, total),
             executor="process" if workers > 1 else "thread",
         )
     console.print(f"{report.built} built, {report.cached} already cached, {len(report.failed)} failed "

@@ -18,6 +18,7 @@ def env(json_output: bool = typer.Option(False, "--json", help="Print JSON inste
     import json
 
     from medmvl_cli.engine.environment import describe_environment
+    from medmvl_cli.threads import current as current_threads
 
     info = describe_environment(PACKAGES)
     if json_output:
@@ -31,7 +32,7 @@ def env(json_output: bool = typer.Option(False, "--json", help="Print JSON inste
     table.add_column()
     for name, version in info["versions"].items():
         table.add_row(name, version or "[dim]absent[/dim]")
-    table.add_row("cpu threads", str(info["cpu_threads"]))
+    table.add_row("cpu threads", current_threads().describe())
     for gpu in info["gpus"] or [{"name": "none", "memory_gib": None}]:
         memory = f" ({gpu['memory_gib']:.0f} GiB)" if gpu["memory_gib"] else ""
         table.add_row("gpu", f"{gpu['name']}{memory}")

@@ -84,22 +84,14 @@ def infer(
 
 
 def _batch(predictor, data, out, settings, image_root, volume_root, batch_size, overwrite, feature_cache, quiet, err):
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
     from medmvl_cli.inference.predictions import predict_file
+    from medmvl_cli.progress import JobProgress
 
     start = time.perf_counter()
-    with Progress(TextColumn("[bold]infer[/bold]"), BarColumn(), MofNCompleteColumn(),
-                  TextColumn("{task.fields[rate]}"), TimeRemainingColumn(), console=err, disable=quiet) as progress:
-        task = progress.add_task("infer", total=None, rate="")
-
-        def on_progress(done: int, total: int) -> None:
-            rate = done / max(time.perf_counter() - start, 1e-9)
-            progress.update(task, completed=done, total=total, rate=f"{rate:.2f} items/s" if done else "")
-
+    with JobProgress("infer", err, enabled=not quiet) as progress:
         counts = predict_file(predictor, data, out, settings, image_root=image_root, volume_root=volume_root,
                               batch_size=batch_size, overwrite=overwrite, use_feature_cache=feature_cache,
-                              on_progress=on_progress)
+                              on_progress=progress.update)
     elapsed = time.perf_counter() - start
     err.print(f"{counts['asked']} asked ({counts['asked'] / max(elapsed, 1e-9):.2f} items/s), "
               f"{counts['skipped']} already in {out}, {counts['errors']} error(s)", highlight=False, soft_wrap=True)

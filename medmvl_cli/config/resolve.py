@@ -65,12 +65,53 @@ def cross_check(tree: dict, stage: Optional[str]) -> list[Problem]:
                 "model.image3d.encoder.num_slices", f"is {slices} but model.image3d.volume.size[0] is {size[0]}",
                 hint="a slices encoder takes every slice of the preprocessed volume: make them equal",
             ))
+    problems += _tracker_problems(_get(tree, "train", "report_to"))
+    problems += _best_checkpoint_problems(tree)
     deepspeed = _get(tree, "distributed", "deepspeed")
     if isinstance(deepspeed, str) and deepspeed not in DEEPSPEED_PRESETS and not deepspeed.endswith(".json"):
         problems.append(Problem(
             "distributed.deepspeed", f"{deepspeed!r} is neither a preset nor a .json file",
             hint="use zero2, zero3 or the path of a DeepSpeed config .json",
         ))
+    return problems
+
+
+def _best_checkpoint_problems(tree: dict) -> list[Problem]:
+    """`train.keep_best` needs evaluations during the run, each one with a checkpoint to return to."""
+    train = tree.get("train") if isinstance(tree.get("train"), dict) else {}
+    problems = []
+    metric, generate = train.get("metric_for_best"), train.get("eval_generate", True)
+    if metric not in (None, "loss") and generate is False:
+        problems.append(Problem("train.metric_for_best", f"{metric!r} is scored from generated answers, "
+                                "but train.eval_generate is false", hint="set train.eval_generate: true, or use loss"))
+    if train.get("keep_best") is not True:
+        return problems
+    eval_steps, save_steps = train.get("eval_steps"), train.get("save_steps", 500)
+    if not _get(tree, "data", "eval"):
+        problems.append(Problem("train.keep_best", "needs evaluations, but data.eval is empty",
+                                hint="add data.eval: [{annotations: val.json}], or set keep_best: false"))
+    elif not isinstance(eval_steps, int):
+        problems.append(Problem("train.keep_best", "needs evaluations during the run, but train.eval_steps is null",
+                                hint="set train.eval_steps (and train.save_steps to a multiple of it)"))
+    elif isinstance(save_steps, int) and save_steps % eval_steps:
+        problems.append(Problem("train.save_steps", f"is {save_steps}, not a multiple of train.eval_steps "
+                                f"({eval_steps}): an evaluation could be the best with no checkpoint to return to",
+                                hint=f"set train.save_steps to a multiple of {eval_steps}"))
+    return problems
+
+
+def _tracker_problems(names: Any) -> list[Problem]:
+    """A tracker whose package is not installed is a recipe problem naming the pip install."""
+    from medmvl_cli.config.trackers import missing_package
+
+    problems = []
+    for index, name in enumerate(names if isinstance(names, list) else []):
+        package = missing_package(name) if isinstance(name, str) else None
+        if package is not None:
+            problems.append(Problem(
+                f"train.report_to.{index}", f"tracker {name!r} needs the {package} package, which is not installed",
+                hint=f"pip install {package}, or remove {name!r} from train.report_to",
+            ))
     return problems
 
 

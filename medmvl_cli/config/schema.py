@@ -7,9 +7,12 @@ schema describes what a user may write and `config show` prints what will actual
 
 from __future__ import annotations
 
+import difflib
 from typing import Annotated, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from medmvl_cli.config.trackers import NO_TRACKER, TRACKERS
 
 Stage = Literal["pretrain", "finetune", "lora"]
 STAGES: tuple[str, ...] = ("pretrain", "finetune", "lora")
@@ -331,6 +334,14 @@ class DataConfig(Section):
 
 
 # ------------------------------------------------------------------------------------------ train
+#: Metrics a checkpoint can be chosen by: eval loss, or a key of `medmvl eval`'s report
+#: (tests/unit/test_generation_eval.py keeps this equal to evaluation.report.METRICS, BERTScore aside).
+BestMetric = Literal[
+    "loss", "exact_match", "closed_accuracy", "closed_accuracy_strict", "open_recall", "choice_accuracy",
+    "choice_accuracy_strict", "bleu_1", "bleu_2", "bleu_3", "bleu_4", "rouge_1", "rouge_l", "meteor",
+]
+
+
 class TrainConfig(Section):
     """Optimisation and logging."""
 
@@ -352,9 +363,34 @@ class TrainConfig(Section):
     save_steps: int = Field(500, gt=0, description="Checkpoint every N steps.")
     save_total_limit: Optional[int] = Field(2, gt=0, description="Keep at most N checkpoints (null = all).")
     eval_steps: Optional[int] = Field(None, gt=0, description="Evaluate every N steps (null = at the end only).")
-    report_to: list[Literal["tensorboard", "none"]] = Field(
-        default_factory=lambda: ["tensorboard"], description="Loggers beside metrics.jsonl."
+    eval_generate: bool = Field(
+        True, description="At each evaluation also answer the eval records (greedy) and score them with "
+                          "`medmvl eval`'s metrics: exact match, LLaVA-Med closed / open, choice accuracy, BLEU, ROUGE.")
+    eval_max_samples: Optional[int] = Field(
+        200, gt=0, description="Eval records answered at each evaluation: the first N (null = all).")
+    eval_max_new_tokens: int = Field(64, gt=0, description="Longest answer generated for an eval record.")
+    metric_for_best: Optional[BestMetric] = Field(
+        None, description="What makes a checkpoint the best: a `medmvl eval` metric key, or loss (lower is "
+                          "better). null = exact_match when eval_generate runs, else loss.")
+    keep_best: bool = Field(
+        False, description="Make model/ the weights of the best evaluation (its checkpoint is never rotated "
+                           "away); best.json in the run folder names its step and score.")
+    report_to: list[str] = Field(
+        default_factory=lambda: ["tensorboard"],
+        description="Experiment trackers beside metrics.jsonl: any HF Trainer integration (tensorboard, wandb, "
+                    "mlflow, comet_ml, trackio, clearml, ...), or [none].",
     )
+
+    @field_validator("report_to")
+    @classmethod
+    def _known_trackers(cls, names: list[str]) -> list[str]:
+        known = [*TRACKERS, NO_TRACKER]
+        for name in names:
+            if name not in known:
+                close = difflib.get_close_matches(name, known, n=1)
+                raise ValueError(f"unknown tracker {name!r}" + (f"; did you mean {close[0]!r}?" if close else "")
+                                 + f" (one of: {', '.join(known)})")
+        return names
 
 
 class DistributedConfig(Section):

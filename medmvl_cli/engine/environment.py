@@ -26,6 +26,8 @@ def bf16_is_fast() -> bool:
 def describe_environment(packages: Iterable[str]) -> dict:
     import torch
 
+    from medmvl_cli.threads import current as current_threads
+
     gpus = []
     if torch.cuda.is_available():
         for index in range(torch.cuda.device_count()):
@@ -36,6 +38,7 @@ def describe_environment(packages: Iterable[str]) -> dict:
     return {
         "versions": versions,
         "cpu_threads": torch.get_num_threads(),
+        "thread_policy": current_threads().to_dict(),
         "cpu_count": os.cpu_count(),
         "gpus": gpus,
         "bf16_fast": bf16_is_fast(),

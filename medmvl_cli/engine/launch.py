@@ -47,12 +47,15 @@ def launch_command(options: LaunchOptions, argv: list[str]) -> list[str]:
 
 
 def run_launched(command: list[str], options: LaunchOptions) -> int:
-    """Run the torchrun command; one thread per rank on CPU unless the user set OMP_NUM_THREADS."""
+    """Run the torchrun command; on CPUs the ranks share medmvl's threads unless the user set OMP_NUM_THREADS."""
     import torch
 
+    from medmvl_cli.threads import current as current_threads
+
     env = dict(os.environ)
-    if not torch.cuda.is_available() and "OMP_NUM_THREADS" not in env:
-        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // options.nproc_per_node))
+    policy = current_threads()
+    if not torch.cuda.is_available() and policy.source != "OMP_NUM_THREADS":
+        env["OMP_NUM_THREADS"] = str(max(1, policy.threads // options.nproc_per_node))
     return subprocess.call(command, env=env)
 
 

@@ -5,7 +5,8 @@ runs/NAME/
   recipe.yaml          the resolved recipe, headed by medmvl version and git revision
   model/               the final model, self-contained
   checkpoints/step-N/  resumable training state (renamed into place only when complete)
-  metrics.jsonl        one line per logged step
+  metrics.jsonl        one line per logged step, one per evaluation
+  best.json            which evaluation was the best (metric, step, value), with data.eval
   logs/                TensorBoard
   FINISHED             written last
 ```
@@ -29,6 +30,7 @@ CHECKPOINTS_DIR = "checkpoints"
 FINISHED = "FINISHED"
 RECIPE = "recipe.yaml"
 METRICS = "metrics.jsonl"
+BEST = "best.json"
 LOGS = "logs"
 
 

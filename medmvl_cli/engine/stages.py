@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from pathlib import Path
 from typing import Optional
 
 from medmvl_cli.config.schema import Recipe
+from medmvl_cli.engine.run_folder import BEST, write_atomic
 from medmvl_cli.errors import RunError
 
 logger = logging.getLogger(__name__)
@@ -106,7 +108,7 @@ def training_arguments(recipe: Recipe, run, quiet: bool):
     cuda = torch.cuda.is_available()
     report_to = [r for r in train.report_to if r != "none"] or "none"
     if report_to != "none":
-        os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(run.logs_dir))
+        tracker_logs_in(run.logs_dir)
     return TrainingArguments(
         output_dir=str(run.checkpoints_dir),
         per_device_train_batch_size=train.batch_size,
@@ -127,7 +129,10 @@ def training_arguments(recipe: Recipe, run, quiet: bool):
         save_total_limit=None,  # the trainer rotates its own step-N folders
         eval_strategy="steps" if (train.eval_steps and recipe.data.eval) else "no",
         eval_steps=train.eval_steps,
+        metric_for_best_model=f"eval_{best_metric(recipe)}" if recipe.data.eval else None,
+        greater_is_better=best_metric(recipe) != "loss",
         report_to=report_to,
+        run_name=run.root.name,
         seed=recipe.seed,
         data_seed=recipe.seed,
         bf16=dtype == "bfloat16",
@@ -144,6 +149,21 @@ def training_arguments(recipe: Recipe, run, quiet: bool):
         ddp_find_unused_parameters=any(
             getattr(recipe.trainable, f"{branch}_encoder") == "full" for branch in ("image", "image3d")),
     )
+
+
+def best_metric(recipe: Recipe) -> str:
+    """The metric that makes an evaluation the best: train.metric_for_best, else exact match when
+    answers are generated, else the eval loss."""
+    train = recipe.train
+    return train.metric_for_best or ("exact_match" if train.eval_generate else "loss")
+
+
+def tracker_logs_in(logs_dir: Path) -> None:
+    """Trackers that write locally (TensorBoard, an offline wandb, a file-based MLflow) write into the
+    run's logs/ folder (made once the run folder is prepared) unless the user's environment says otherwise."""
+    os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(logs_dir))
+    os.environ.setdefault("WANDB_DIR", str(logs_dir))
+    os.environ.setdefault("MLFLOW_TRACKING_URI", (logs_dir / "mlruns").resolve().as_uri())
 
 
 def join_deepspeed_process_group(args) -> None:
@@ -167,7 +187,7 @@ def train_stage(recipe: Recipe, *, resume: Optional[str] = None, overwrite: bool
 
     from medmvl_cli.config.loader import dump_recipe
     from medmvl_cli.data.collator import LVLMCollator
-    from medmvl_cli.engine.callbacks import MetricsFile, RichProgress
+    from medmvl_cli.engine.callbacks import MetricsFile, TrainingProgress
     from medmvl_cli.engine.run_folder import RunFolder
     from medmvl_cli.engine.trainer import LVLMTrainer
     from medmvl_cli.model.builder import materialise_presets
@@ -179,21 +199,28 @@ def train_stage(recipe: Recipe, *, resume: Optional[str] = None, overwrite: bool
     with args.main_process_first(local=False, desc="prepare the run folder"):
         if args.process_index == 0:
             checkpoint = run.prepare(dump_recipe(recipe), overwrite=overwrite, resume=resume)
+            run.logs_dir.mkdir(exist_ok=True)
         elif resume:
             checkpoint = run.last_checkpoint() if resume == "auto" else Path(resume)
     transformers.set_seed(recipe.seed)
     join_deepspeed_process_group(args)
     model, tokenizer, image_processor = build_training_model(recipe)
     train_set, eval_set = build_datasets(recipe, model, tokenizer, image_processor)
+    generation_eval = None
+    if eval_set is not None and recipe.train.eval_generate:
+        from medmvl_cli.engine.generation_eval import GenerationEval
+
+        generation_eval = GenerationEval(recipe, tokenizer, image_processor)
     callbacks = [MetricsFile(run.metrics_file)]
     if not quiet:
-        callbacks.append(RichProgress())
+        callbacks.append(TrainingProgress())
     trainer = LVLMTrainer(
         model=model, args=args, train_dataset=train_set, eval_dataset=eval_set,
         data_collator=LVLMCollator(tokenizer.pad_token_id, packing=recipe.data.packing),
         callbacks=callbacks, sampler_weights=[s.weight for s in recipe.data.train],
         group_by_length=recipe.data.group_by_length, keep_checkpoints=recipe.train.save_total_limit,
         param_lrs=component_learning_rates(model, recipe),
+        generation_eval=generation_eval, keep_best=recipe.train.keep_best,
     )
     trainer.remove_callback(PrinterCallback)  # logs go to metrics.jsonl and the progress bar
     if checkpoint is not None:
@@ -202,17 +229,40 @@ def train_stage(recipe: Recipe, *, resume: Optional[str] = None, overwrite: bool
         trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     finally:
         for callback in trainer.callback_handler.callbacks:
-            if isinstance(callback, RichProgress):
+            if isinstance(callback, TrainingProgress):
                 callback.on_train_end(args, trainer.state, trainer.control)
     verify_replicas(trainer)
     if trainer.skipped_records:
         logger.warning("skipped %d record(s) whose files failed to load: %s", len(trainer.skipped_records),
                        ", ".join(trainer.skipped_records[:20]))
     if eval_set is not None:
-        metrics = trainer.evaluate()
+        evaluated = [row for row in trainer.state.log_history
+                     if "eval_loss" in row and row.get("step") == trainer.state.global_step]
+        metrics = evaluated[-1] if evaluated else trainer.evaluate()  # the last step may have just been evaluated
         logger.info("eval loss %.4f", metrics.get("eval_loss", float("nan")))
+        best = settle_best(trainer, run, recipe, metrics)
     save_final_model(trainer, run, tokenizer, image_processor, recipe)
+    if eval_set is not None and trainer.args.should_save:
+        write_atomic(run.root / BEST, json.dumps(best, indent=2) + "\n")
     return run.root
+
+
+def settle_best(trainer, run, recipe: Recipe, final_metrics: dict) -> dict:
+    """Which evaluation was the best (the final one counts too); with train.keep_best, put its
+    weights back in the model before it is saved. Returns what best.json records."""
+    metric = trainer.args.metric_for_best_model
+    final_value = final_metrics.get(metric)
+    step, value = trainer.state.best_global_step, trainer.state.best_metric
+    better = (lambda a, b: a > b) if trainer.args.greater_is_better else (lambda a, b: a < b)
+    if final_value is not None and (value is None or not step or better(final_value, value)):
+        step, value = trainer.state.global_step, final_value
+    kept = bool(recipe.train.keep_best and step and step != trainer.state.global_step)
+    if kept:
+        checkpoint = run.checkpoints_dir / f"step-{step}"
+        logger.info("keep_best: the model is step %d's (%s %.4f), read from %s", step, metric, value, checkpoint)
+        trainer._load_from_checkpoint(str(checkpoint))
+    return {"metric": metric, "step": step, "value": value, "final_step": trainer.state.global_step,
+            "model_is_best": kept or step == trainer.state.global_step}
 
 
 def verify_replicas(trainer) -> None:

@@ -34,9 +34,13 @@ WEIGHTS = "model.safetensors"
 
 class LVLMTrainer(Trainer):
     def __init__(self, *args, sampler_weights=None, group_by_length=False, keep_checkpoints=None,
-                 param_lrs=None, **kwargs):
-        """`param_lrs`: {id(parameter): learning rate} for parameters not trained at `train.lr`."""
+                 param_lrs=None, generation_eval=None, keep_best=False, **kwargs):
+        """`param_lrs`: {id(parameter): learning rate} for parameters not trained at `train.lr`;
+        `generation_eval`: a `GenerationEval` whose metrics join each evaluation's;
+        `keep_best`: rotation never removes the checkpoint of the best evaluation."""
         super().__init__(*args, **kwargs)
+        self.generation_eval = generation_eval
+        self.keep_best = keep_best
         self.sampler_weights = sampler_weights or [1.0]
         self.group_by_length = group_by_length
         self.keep_checkpoints = keep_checkpoints
@@ -79,6 +83,21 @@ class LVLMTrainer(Trainer):
                      "resume from it with --resume auto",
             )
         return loss
+
+    # ----------------------------------------------------------------------------- evaluation
+    def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None,
+                        metric_key_prefix="eval"):
+        """The eval loss, then (with `generation_eval`) the task metrics of generated answers."""
+        output = super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys, metric_key_prefix)
+        if self.generation_eval is not None and metric_key_prefix == "eval":
+            model = self.accelerator.unwrap_model(self.model)
+            output.metrics.update(self.generation_eval(model, self.args.process_index, self.args.world_size))
+            best = self.args.metric_for_best_model
+            if best and best not in output.metrics:
+                raise RunError(f"train.metric_for_best is {best.removeprefix('eval_')!r}, which the eval records "
+                               f"do not allow (computed: {', '.join(k[5:] for k in output.metrics if k != 'eval_loss')})",
+                               hint="choose one of the computed metrics, or loss")
+        return output
 
     # ------------------------------------------------------------------------------ optimizer
     def create_optimizer(self, model=None):
@@ -145,8 +164,10 @@ class LVLMTrainer(Trainer):
             return
         steps = sorted((int(m.group(1)), p) for p in Path(self.args.output_dir).iterdir()
                        if (m := STEP_DIR.match(p.name)))
-        for _, path in steps[:-limit]:
-            shutil.rmtree(path, ignore_errors=True)
+        best = self.state.best_global_step if self.keep_best else None
+        for step, path in steps[:-limit]:
+            if step != best:
+                shutil.rmtree(path, ignore_errors=True)
 
     # ---------------------------------------------------------------------------------- logs
     def log(self, logs, start_time=None):

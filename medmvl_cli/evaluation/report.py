@@ -101,14 +101,16 @@ def evaluate_predictions(predictions: Path, write_scores: bool = True) -> EvalRe
     return report
 
 
-def score_rows(rows: list[PredictionRow], source: Path | None = None, meteor=None) -> tuple[list[dict], EvalReport]:
+def score_rows(rows: list[PredictionRow], source: Path | None = None, meteor=None,
+               bertscore: bool = True) -> tuple[list[dict], EvalReport]:
     """Score `rows` (read from `source`); return the per-sample records (one per row) and the report.
 
     `meteor` is a callable ``(prediction, reference) -> float``; by default NLTK's METEOR when its
-    data is on this machine, else METEOR is reported as not computed.
+    data is on this machine, else METEOR is reported as not computed. `bertscore=False` skips
+    BERTScore (a model of its own: too slow to run at every evaluation while training).
     """
     meteor, meteor_reason = (meteor, None) if meteor is not None else _default_meteor()
-    bert_reason = tm.bertscore_unavailable_reason()
+    bert_reason = tm.bertscore_unavailable_reason() if bertscore else "not computed while training"
     samples: list[dict] = []
     open_pairs: list[tuple[dict, str, str]] = []  # for BERTScore, batched at the end
     counts = {"rows": len(rows), "scored": 0, "errors": 0, "no_answer": 0, "closed": 0, "open": 0, "choice": 0}

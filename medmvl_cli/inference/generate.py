@@ -116,16 +116,30 @@ class Predictor:
     def __init__(self, model_dir: Path, feature_cache_size: int = 64, device: Optional[str] = None):
         import torch
 
+        from medmvl_cli.model.builder import load_model
+
+        self.model_dir = Path(model_dir)
+        model, tokenizer, image_processor = load_model(self.model_dir, merge_lora=True)
+        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self._attach(model.to(device).eval(), tokenizer, image_processor, feature_cache_size)
+
+    @classmethod
+    def for_model(cls, model, tokenizer, image_processor, name: str, feature_cache_size: int = 64) -> "Predictor":
+        """A predictor over a model in memory, where it is (generation metrics while training);
+        the caller sets train / eval mode."""
+        predictor = cls.__new__(cls)
+        predictor.model_dir = Path(name)
+        predictor._attach(model, tokenizer, image_processor, feature_cache_size)
+        return predictor
+
+    def _attach(self, model, tokenizer, image_processor, feature_cache_size: int) -> None:
         from medmvl_cli.config.schema import VolumeConfig
         from medmvl_cli.data.media import MediaLoader
         from medmvl_cli.data.templates import get_template
         from medmvl_cli.engine.stages import placeholder_lengths
-        from medmvl_cli.model.builder import load_model
 
-        self.model_dir = Path(model_dir)
-        self.model, self.tokenizer, image_processor = load_model(self.model_dir, merge_lora=True)
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.model.to(self.device).eval()
+        self.model, self.tokenizer = model, tokenizer
+        self.device = next(model.parameters()).device
         self.template = get_template(self.model.config.template)
         self.stop_token_ids = self.template.stop_token_ids(self.tokenizer)
         # Llama-style tokenizers have no pad token; any id does, the attention mask hides it.

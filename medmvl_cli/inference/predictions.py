@@ -19,7 +19,7 @@ import os
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Iterator, Optional
 
 from medmvl_cli.data.annotations import (
     IMAGE_PLACEHOLDER,
@@ -104,7 +104,7 @@ def _drop_torn_tail(out: Path) -> None:
     logger.warning("%s: dropped an incomplete last line (%d bytes) left by an interrupted run", out, len(data) - keep)
 
 
-def _order(questions: list[Question], placeholder_lengths: dict[str, int]) -> list[Question]:
+def order_for_batching(questions: list[Question], placeholder_lengths: dict[str, int]) -> list[Question]:
     """Questions about the same volumes together (their features are computed once), groups and
     the questions within them by estimated prompt length (less padding in a batch)."""
 
@@ -147,15 +147,13 @@ def predict_file(
         logger.warning("%s: %d id(s) occur more than once (%s): rows cannot be told apart, and a resumed "
                        "run skips every record of an id already answered", annotations, len(repeated),
                        ", ".join(map(repr, repeated[:3])))
-    questions = _order(questions, predictor.placeholder_lengths)
+    questions = order_for_batching(questions, predictor.placeholder_lengths)
     counts = {"asked": 0, "skipped": skipped, "errors": 0}
     if on_progress:
         on_progress(0, len(questions))
     out.parent.mkdir(parents=True, exist_ok=True)
     with out.open("a", encoding="utf-8") as sink:
-        for start in range(0, len(questions), batch_size):
-            batch = questions[start:start + batch_size]
-            rows = _answer(predictor, batch, settings, use_feature_cache)
+        for batch, rows in answer_in_batches(predictor, questions, settings, batch_size, use_feature_cache):
             # One write per batch, then to disk: a kill loses at most the batch being generated.
             sink.write("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
             sink.flush()
@@ -165,6 +163,14 @@ def predict_file(
             if on_progress:
                 on_progress(counts["asked"], len(questions))
     return counts
+
+
+def answer_in_batches(predictor: Predictor, questions: list[Question], settings: GenerationSettings,
+                      batch_size: int, use_feature_cache: bool = True) -> Iterator[tuple[list[Question], list[dict]]]:
+    """(batch, its prediction rows) for `questions` in batches of `batch_size`, in the given order."""
+    for start in range(0, len(questions), batch_size):
+        batch = questions[start:start + batch_size]
+        yield batch, _answer(predictor, batch, settings, use_feature_cache)
 
 
 def _row(question: Question, model_name: str, prediction: Optional[str] = None, error: Optional[str] = None) -> dict:

@@ -66,7 +66,7 @@ def read_metrics(run: Path) -> dict[int, float]:
     import json
 
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    return {row["step"]: row["loss"] for row in rows}
+    return {row["step"]: row["loss"] for row in rows if "loss" in row}  # eval rows carry eval_* keys
 
 
 @pytest.fixture(autouse=True)
