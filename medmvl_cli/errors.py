@@ -60,6 +60,7 @@ _OS_HINTS = {
     errno.EPERM: "you may not write there: choose a folder you own, or fix its permissions",
     errno.ENOENT: "the path, or a folder on the way, does not exist: fix the path or create the folder",
     errno.ENOTDIR: "a part of the path is a file, not a folder: fix the path",
+    errno.EEXIST: "a file stands where a folder is needed: fix the path",
 }
 
 

@@ -21,17 +21,15 @@ from medmvl_cli.errors import MedmvlError
 
 class _ErrorHandlingGroup(TyperGroup):
     """Turns any failure of a command into one panel on stderr and exit code 1 (the traceback only
-    with --debug). Click's own exits and usage errors pass through. Without this, an EOFError (what
-    torch raises for an empty file) would reach click, which takes it for Ctrl-D and prints only
+    with --debug). Typer's own exits and usage errors pass through. Without this, an EOFError (what
+    torch raises for an empty file) would reach Typer, which takes it for Ctrl-D and prints only
     "Aborted."."""
 
     def invoke(self, ctx):
-        import click
-
         try:
             return super().invoke(ctx)
-        except (click.exceptions.Exit, click.exceptions.Abort, click.exceptions.ClickException):
-            raise
+        except (typer.Exit, typer.Abort, typer.exceptions.TyperException, BrokenPipeError):
+            raise  # exits, usage errors (exit 2) and a closed pipe are Typer's to handle
         except Exception as err:
             if _state["debug"]:
                 raise

@@ -202,6 +202,7 @@ def _reading(checkpoint, what: str):
     except MedmvlError:
         raise
     except Exception as err:  # torch / safetensors / json raise many kinds for a damaged file
-        raise RunError(f"checkpoint {checkpoint}: {what} does not load ({type(err).__name__}: {err})",
+        detail = f"{type(err).__name__}: {err}" if str(err) else type(err).__name__
+        raise RunError(f"checkpoint {checkpoint}: {what} does not load ({detail})",
                        hint="resume from another checkpoint (--resume auto skips damaged ones), or start over "
                             "with --overwrite") from None
