@@ -316,6 +316,13 @@ def data_cache_in_a_users_folder(c):
     return ["data", "cache", str(recipe), f"data.cache_dir={mine}", "--workers", "0", "-q"], mine
 
 
+def synth_overwrite_a_users_images(c):
+    mine = c.tmp / "mine"
+    (mine / "images").mkdir(parents=True)
+    (mine / "images" / "patient-001.png").write_bytes(b"a user's image")
+    return ["data", "synth", str(mine), "--kind", "2d", "--n", "4", "--overwrite"], mine
+
+
 def quickstart_over_a_users_folder(c):
     mine = c.tmp / "runs" / "quickstart-2d"
     mine.mkdir(parents=True)
@@ -331,7 +338,7 @@ ROWS = [
     checkpoint_save_disk_full, final_model_disk_full, output_dir_read_only,
     infer_out_read_only, infer_out_parent_is_a_file, infer_out_disk_full, infer_out_is_not_a_predictions_file,
     export_out_read_only, export_out_disk_full, export_overwrite_a_users_folder, import_overwrite_a_users_folder,
-    data_cache_in_a_users_folder, quickstart_over_a_users_folder,
+    data_cache_in_a_users_folder, synth_overwrite_a_users_images, quickstart_over_a_users_folder,
 ]
 
 
