@@ -132,10 +132,6 @@ class RunFolder:
                  if p.is_dir() and (m := STEP_DIR.match(p.name))]
         return [p for _, p in sorted(found)]
 
-    def last_checkpoint(self) -> Optional[Path]:
-        checkpoints = self.checkpoints()
-        return checkpoints[-1] if checkpoints else None
-
     def prepare(self, recipe_yaml: str, overwrite: bool, resume: Optional[str]) -> Optional[Path]:
         """Make the folder ready for a run; returns the checkpoint to resume from, if any.
 

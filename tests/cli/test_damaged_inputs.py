@@ -172,24 +172,14 @@ def encoder_folder_truncated(c):
     return c.finetune("model.image.encoder.preset=null", f"model.image.encoder.path={folder}", "--dry-run"), weights
 
 
-def checkpoint_optimizer_corrupt(c):
-    damaged = _garble(c.run / "checkpoints" / "step-2" / "optimizer.pt")
-    return c.resume(str(damaged.parent)), damaged
+def damaged_checkpoint(name: str, spoil):
+    """A row: resume from step-2 with its file `name` spoilt (garbled, truncated, emptied)."""
+    def row(c):
+        damaged = spoil(c.run / "checkpoints" / "step-2" / name)
+        return c.resume(str(damaged.parent)), damaged
 
-
-def checkpoint_trainer_state_truncated(c):
-    damaged = _truncate(c.run / "checkpoints" / "step-2" / "trainer_state.json")
-    return c.resume(str(damaged.parent)), damaged
-
-
-def checkpoint_scheduler_empty(c):
-    damaged = _empty(c.run / "checkpoints" / "step-2" / "scheduler.pt")
-    return c.resume(str(damaged.parent)), damaged
-
-
-def checkpoint_weights_truncated(c):
-    damaged = _truncate(c.run / "checkpoints" / "step-2" / "model.safetensors")
-    return c.resume(str(damaged.parent)), damaged
+    row.__name__ = f"checkpoint_{name}{spoil.__name__}"
+    return row
 
 
 def checkpoint_without_checksums(c):
@@ -332,8 +322,10 @@ def quickstart_over_a_users_folder(c):
 
 ROWS = [
     run_model_truncated, run_model_garbled, llm_path_truncated, encoder_folder_truncated,
-    checkpoint_optimizer_corrupt, checkpoint_trainer_state_truncated, checkpoint_scheduler_empty,
-    checkpoint_weights_truncated, checkpoint_scheduler_empty_past_the_checksums, checkpoint_without_checksums, checkpoint_with_a_planted_file,
+    damaged_checkpoint("optimizer.pt", _garble), damaged_checkpoint("trainer_state.json", _truncate),
+    damaged_checkpoint("scheduler.pt", _empty), damaged_checkpoint("model.safetensors", _truncate),
+    damaged_checkpoint("rng_state.pth", _garble), checkpoint_scheduler_empty_past_the_checksums,
+    checkpoint_without_checksums, checkpoint_with_a_planted_file,
     resume_auto_every_checkpoint_damaged, resume_auto_folder_without_marker, overwrite_a_users_folder,
     checkpoint_save_disk_full, final_model_disk_full, output_dir_read_only,
     infer_out_read_only, infer_out_parent_is_a_file, infer_out_disk_full, infer_out_is_not_a_predictions_file,
