@@ -195,7 +195,7 @@ class LVLMTrainer(Trainer):
 
 @contextmanager
 def _reading(checkpoint, what: str):
-    """A checkpoint file that fails to load becomes a RunError naming it, not a traceback (or click's
+    """A checkpoint file that fails to load becomes a RunError naming it, not a traceback (nor Typer's
     bare "Aborted." for the EOFError of an empty torch file)."""
     try:
         yield

@@ -102,14 +102,16 @@ def _read_rows(out: Path) -> list[dict]:
             if not (isinstance(row, dict) and {"id", "prediction", "model"} <= row.keys()):
                 raise ValueError
         except ValueError:
-            raise RunError(f"--out {out} is not a medmvl predictions file (line {number} is not a prediction row), "
-                           "so it is neither resumed nor replaced",
-                           hint="choose another --out; medmvl never appends to or replaces a file it did not write") from None
+            raise _not_predictions(out, f" (line {number} is not a prediction row)") from None
         rows.append(row)
     if torn and not rows:
-        raise RunError(f"--out {out} is not a medmvl predictions file, so it is neither resumed nor replaced",
-                       hint="choose another --out; medmvl never appends to or replaces a file it did not write")
+        raise _not_predictions(out, "")
     return rows
+
+
+def _not_predictions(out: Path, where: str) -> RunError:
+    return RunError(f"--out {out} is not a medmvl predictions file{where}, so it is neither resumed nor replaced",
+                    hint="choose another --out; medmvl never appends to or replaces a file it did not write")
 
 
 def _drop_torn_tail(out: Path) -> None:

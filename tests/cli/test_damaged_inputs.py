@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import errno
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -72,6 +73,10 @@ class Case:
     def finetune(self, *args: str) -> list[str]:
         return ["finetune", str(self.trained.recipe), "-q", *args]
 
+    def infer_batch(self, out: Path, *args: str) -> list[str]:
+        return ["infer", "--model", str(self.run), "--data", str(self.trained.data / "test_2d.json"),
+                "--out", str(out), *args]
+
     def resume(self, checkpoint: str) -> list[str]:
         return self.finetune(f"output_dir={self.run}", *TRAIN, "--resume", checkpoint)
 
@@ -89,12 +94,12 @@ class Case:
             if inside(path) and any(c in mode for c in "wax+"):
                 if code == errno.ENOSPC:
                     return _FullDisk(original_open(path, mode, *args, **kwargs))
-                raise OSError(code, __import__("os").strerror(code), str(path))
+                raise OSError(code, os.strerror(code), str(path))
             return original_open(path, mode, *args, **kwargs)
 
         def mkdir(path, *args, **kwargs):
             if inside(path) and code != errno.ENOSPC:
-                raise OSError(code, __import__("os").strerror(code), str(path))
+                raise OSError(code, os.strerror(code), str(path))
             return original_mkdir(path, *args, **kwargs)
 
         self.monkeypatch.setattr(Path, "open", open_)
@@ -246,27 +251,26 @@ def output_dir_read_only(c):
 def infer_out_read_only(c):
     out = c.tmp / "readonly" / "preds.jsonl"
     c.fail_writes(out.parent, errno.EROFS)
-    return ["infer", "--model", str(c.run), "--data", str(c.trained.data / "test_2d.json"), "--out", str(out)], out
+    return c.infer_batch(out), out
 
 
 def infer_out_parent_is_a_file(c):
     parent = c.tmp / "a-file"
     parent.write_text("not a folder")
     out = parent / "preds.jsonl"
-    return ["infer", "--model", str(c.run), "--data", str(c.trained.data / "test_2d.json"), "--out", str(out)], out
+    return c.infer_batch(out), out
 
 
 def infer_out_disk_full(c):
     out = c.tmp / "full" / "preds.jsonl"
     c.fail_writes(out.parent, errno.ENOSPC)
-    return ["infer", "--model", str(c.run), "--data", str(c.trained.data / "test_2d.json"), "--out", str(out)], out
+    return c.infer_batch(out), out
 
 
 def infer_out_is_not_a_predictions_file(c):
     out = c.tmp / "notes.jsonl"
     out.write_text('{"patient": 1}\n{"patient": 2}')
-    return ["infer", "--model", str(c.run), "--data", str(c.trained.data / "test_2d.json"), "--out", str(out),
-            "--overwrite"], out
+    return c.infer_batch(out, "--overwrite"), out
 
 
 def export_out_read_only(c):
@@ -419,7 +423,7 @@ def test_the_real_entry_explains_an_empty_scheduler_file(trained, tmp_path, monk
     c = Case(trained, tmp_path, monkeypatch)
     damaged = _empty(c.run / "checkpoints" / "step-2" / "scheduler.pt")
     proc = subprocess.run([sys.executable, "-m", "medmvl_cli", *c.resume(str(damaged.parent))],
-                          capture_output=True, text=True, cwd=tmp_path, env={**__import__("os").environ, "COLUMNS": "200"})
+                          capture_output=True, text=True, cwd=tmp_path, env={**os.environ, "COLUMNS": "200"})
     assert proc.returncode == 1
     assert "Traceback" not in proc.stderr and "Aborted" not in proc.stderr
     assert re.search(r"scheduler\.pt", proc.stderr), proc.stderr
