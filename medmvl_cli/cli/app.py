@@ -130,8 +130,9 @@ def explain_unexpected(err: Exception) -> MedmvlError:
     else says what happened and how to see more."""
     from medmvl_cli.errors import RunError, os_error_hint
 
-    if isinstance(err, OSError) and err.filename:
-        return RunError(f"{err.filename}: {err.strerror or err}", hint=os_error_hint(err))
+    if isinstance(err, OSError):
+        where = f"{err.filename}: " if err.filename else ""
+        return RunError(f"{where}{err.strerror or err}", hint=os_error_hint(err))
     if isinstance(err, EOFError):
         return RunError(f"a file ended early while being read (EOFError{': ' + str(err) if str(err) else ''})",
                         hint="a file is empty or truncated: rerun with --debug to see which, then restore or remove it")

@@ -242,6 +242,12 @@ def final_model_disk_full(c):
     return c.finetune(f"output_dir={run}", "train.max_steps=1", "train.save_steps=5"), run / "model"
 
 
+def metrics_disk_full(c):
+    metrics = c.tmp / "full" / "metrics.jsonl"
+    c.fail_writes(metrics, errno.ENOSPC)
+    return c.finetune(f"output_dir={metrics.parent}", "train.max_steps=1"), metrics
+
+
 def output_dir_read_only(c):
     readonly = c.tmp / "readonly"
     c.fail_writes(readonly, errno.EROFS)
@@ -331,7 +337,7 @@ ROWS = [
     damaged_checkpoint("rng_state.pth", _garble), checkpoint_scheduler_empty_past_the_checksums,
     checkpoint_without_checksums, checkpoint_with_a_planted_file,
     resume_auto_every_checkpoint_damaged, resume_auto_folder_without_marker, overwrite_a_users_folder,
-    checkpoint_save_disk_full, final_model_disk_full, output_dir_read_only,
+    checkpoint_save_disk_full, final_model_disk_full, metrics_disk_full, output_dir_read_only,
     infer_out_read_only, infer_out_parent_is_a_file, infer_out_disk_full, infer_out_is_not_a_predictions_file,
     export_out_read_only, export_out_disk_full, export_overwrite_a_users_folder, import_overwrite_a_users_folder,
     data_cache_in_a_users_folder, synth_overwrite_a_users_images, quickstart_over_a_users_folder,
