@@ -20,15 +20,20 @@ from medmvl_cli import __version__
 from medmvl_cli.errors import MedmvlError
 
 class _ErrorHandlingGroup(TyperGroup):
-    """Turns a MedmvlError raised by any command into one panel on stderr and exit code 1."""
+    """Turns any failure of a command into one panel on stderr and exit code 1 (the traceback only
+    with --debug). Typer's own exits and usage errors pass through. Without this, an EOFError (what
+    torch raises for an empty file) would reach Typer, which takes it for Ctrl-D and prints only
+    "Aborted."."""
 
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
-        except MedmvlError as err:
+        except (typer.Exit, typer.Abort, typer.exceptions.TyperException, BrokenPipeError):
+            raise  # exits, usage errors (exit 2) and a closed pipe are Typer's to handle
+        except Exception as err:
             if _state["debug"]:
                 raise
-            print_error(err)
+            print_error(err if isinstance(err, MedmvlError) else explain_unexpected(err))
             raise typer.Exit(1) from None
 
 
@@ -126,6 +131,22 @@ def _register() -> None:
 
 
 _register()
+
+
+def explain_unexpected(err: Exception) -> MedmvlError:
+    """What a library raised, said as a MedmvlError: an OSError names its file and the fix; anything
+    else says what happened and how to see more."""
+    from medmvl_cli.errors import RunError, os_error_hint
+
+    if isinstance(err, OSError):
+        where = f"{err.filename}: " if err.filename else ""
+        return RunError(f"{where}{err.strerror or err}", hint=os_error_hint(err))
+    if isinstance(err, EOFError):
+        return RunError(f"a file ended early while being read (EOFError{': ' + str(err) if str(err) else ''})",
+                        hint="a file is empty or truncated: rerun with --debug to see which, then restore or remove it")
+    detail = str(err).splitlines()[0] if str(err) else ""
+    return RunError(f"{type(err).__name__}{': ' + detail if detail else ''}",
+                    hint="rerun with --debug to see where it happened; if your inputs are fine, please report it")
 
 
 def print_error(err: MedmvlError) -> None:

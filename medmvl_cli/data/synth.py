@@ -301,6 +301,9 @@ class SynthResult:
     questions: dict[str, tuple[str, ...]]
 
 
+SYNTH_MARKER = "medmvl-synth.json"
+
+
 def synthesize(
     out_dir: Union[str, Path],
     *,
@@ -339,6 +342,13 @@ def synthesize(
             f"{out} already holds {', '.join(p.name for p in existing)}",
             hint="pass --overwrite to replace them, or choose another folder",
         )
+    foreign = [p.name for p in existing if p.name not in synth_entries(out)]
+    if foreign:
+        raise DataError(
+            f"--overwrite refused: {out} holds {', '.join(foreign)}, which `medmvl data synth` did not write "
+            f"(they are not listed in its {SYNTH_MARKER})",
+            hint="choose another folder; medmvl only replaces what it wrote",
+        )
     out.mkdir(parents=True, exist_ok=True)
     n_test = max(1, int(round(n * test_fraction)))
     counts = {"train": n - n_test, "test": n_test}
@@ -363,12 +373,30 @@ def synthesize(
                 (stage / name).write_text(json.dumps(records, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
                 written[name] = len(records)
         _commit(stage, out, [media_dir[d] for d in dims], list(written))
+        _record_entries(out, [media_dir[d] for d in dims] + list(written))
     finally:
         shutil.rmtree(stage, ignore_errors=True)
     log.info("wrote %s to %s", ", ".join(f"{k} ({v})" for k, v in written.items()), out)
     return SynthResult(
         out, written, images=n if "2d" in dims else 0, volumes=n if "3d" in dims else 0, questions=tasks,
     )
+
+
+def synth_entries(out: Path) -> set[str]:
+    """What `synthesize` wrote into `out` earlier (from its marker file), the only names it may replace."""
+    try:
+        marker = json.loads((out / SYNTH_MARKER).read_text(encoding="utf-8"))
+        return set(marker["entries"]) if marker.get("format") == "medmvl-synth" else set()
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return set()
+
+
+def _record_entries(out: Path, names: list[str]) -> None:
+    entries = sorted(synth_entries(out) | set(names))
+    tmp = out / f".{SYNTH_MARKER}.tmp"
+    tmp.write_text(json.dumps({"format": "medmvl-synth", "version": 1, "entries": entries}, indent=1) + "\n",
+                   encoding="utf-8")
+    tmp.replace(out / SYNTH_MARKER)
 
 
 def _commit(stage: Path, out: Path, folders: list[str], files: list[str]) -> None:

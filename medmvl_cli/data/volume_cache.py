@@ -13,6 +13,11 @@ file or changed parameters give a new key, so a stale entry is never read. Each 
 key and a BLAKE2b checksum of the tensor bytes; a truncated or corrupt entry fails those checks
 and is rebuilt. Writes go to a temporary file renamed into place (``os.replace``), so parallel
 workers and interrupted runs never leave a half-written entry under a real name.
+
+The folder carries ``medmvl-cache.json``, written before the first entry. medmvl writes only into a
+folder that has it, is new or empty, or holds nothing but the cache's own ``xx/`` entry folders (a
+cache made before the marker); any other folder is refused, so that ``data.cache_dir`` pointed at
+a folder of one's own never gets files mixed into it.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import uuid
 from collections.abc import Callable, Iterable
 from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor, as_completed
@@ -40,6 +46,8 @@ CACHE_FORMAT = "1"
 CACHE_DTYPE = torch.float16
 _TENSOR = "volume"
 _SUFFIX = ".safetensors"
+MARKER = "medmvl-cache.json"
+_ENTRY_FOLDER = re.compile(r"^[0-9a-f]{2}$")
 
 
 @dataclasses.dataclass
@@ -80,6 +88,33 @@ def params_hash(cfg: Any) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
+def _is_cache_layout(path: Path) -> bool:
+    """An entry the cache itself makes at the top of its folder."""
+    return (path.is_dir() and bool(_ENTRY_FOLDER.match(path.name))) or (
+        path.name.startswith(".") and path.name.endswith(".tmp"))
+
+
+def claim_cache_dir(cache_dir: Path) -> None:
+    """Make sure `cache_dir` is medmvl's volume cache before anything is written into it."""
+    if (cache_dir / MARKER).is_file():
+        return
+    if cache_dir.is_dir():
+        foreign = sorted(p.name for p in cache_dir.iterdir() if not _is_cache_layout(p))
+        if foreign:
+            raise DataError(
+                f"data.cache_dir {cache_dir} is not a medmvl volume cache (it has no {MARKER} and holds "
+                f"{len(foreign)} other entr{'y' if len(foreign) == 1 else 'ies'})",
+                hint="set data.cache_dir to a new or empty folder; medmvl writes only into its own cache folders")
+    try:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        tmp = cache_dir / f".{MARKER}.{os.getpid()}.{uuid.uuid4().hex}.tmp"
+        tmp.write_text(json.dumps({"format": "medmvl-volume-cache", "version": int(CACHE_FORMAT)}) + "\n")
+        os.replace(tmp, cache_dir / MARKER)
+    except OSError as err:
+        raise DataError(f"data.cache_dir {cache_dir}: cannot create the volume cache ({err.strerror or err})",
+                        hint="Check that `data.cache_dir` is writable and has free space.") from None
+
+
 def _checksum(tensor: torch.Tensor) -> str:
     return hashlib.blake2b(tensor.contiguous().view(torch.uint8).numpy(), digest_size=16).hexdigest()
 
@@ -90,6 +125,7 @@ class VolumeCache:
 
     def __init__(self, cache_dir: str | Path):
         self.cache_dir = Path(cache_dir).expanduser()
+        claim_cache_dir(self.cache_dir)
 
     def key(self, path: str | Path, cfg: Any) -> str:
         identity = json.dumps({"format": CACHE_FORMAT, "source": source_identity(path),

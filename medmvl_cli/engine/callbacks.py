@@ -7,6 +7,8 @@ from pathlib import Path
 
 from transformers import TrainerCallback
 
+from medmvl_cli.errors import write_failure
+
 METRIC_KEYS = ("loss", "learning_rate", "grad_norm", "tokens_per_s", "samples_per_s", "epoch")
 SHORT_NAMES = {"learning_rate": "lr"}
 
@@ -29,9 +31,12 @@ class MetricsFile(TrainerCallback):
             self._append({"step": state.global_step, **row})
 
     def _append(self, row: dict) -> None:
-        with self.path.open("a", encoding="utf-8") as f:
-            f.write(json.dumps(row) + "\n")
-            f.flush()
+        try:
+            with self.path.open("a", encoding="utf-8") as f:
+                f.write(json.dumps(row) + "\n")
+                f.flush()
+        except OSError as err:
+            raise write_failure(self.path, err, "the metrics", then="then resume with --resume auto") from None
 
 
 class TrainingProgress(TrainerCallback):

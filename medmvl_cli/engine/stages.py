@@ -201,7 +201,7 @@ def train_stage(recipe: Recipe, *, resume: Optional[str] = None, overwrite: bool
             checkpoint = run.prepare(dump_recipe(recipe), overwrite=overwrite, resume=resume)
             run.logs_dir.mkdir(exist_ok=True)
         elif resume:
-            checkpoint = run.last_checkpoint() if resume == "auto" else Path(resume)
+            checkpoint = run.resume_checkpoint(resume)
     transformers.set_seed(recipe.seed)
     join_deepspeed_process_group(args)
     model, tokenizer, image_processor = build_training_model(recipe)
@@ -305,15 +305,24 @@ def save_final_model(trainer, run, tokenizer, image_processor, recipe: Recipe) -
         return
     from medmvl_cli.model.builder import save_model
 
-    staging = run.root / ".model.tmp"
+    from medmvl_cli.data.templates import get_template
+    from medmvl_cli.engine.run_folder import STAGED_MODEL
+    from medmvl_cli.errors import is_disk_error, write_failure
+
+    staging = run.root / STAGED_MODEL
     shutil.rmtree(staging, ignore_errors=True)
     model = trainer.accelerator.unwrap_model(trainer.model)
     # The saved chat template is the run's, so HF tools format prompts the way the model was trained.
-    from medmvl_cli.data.templates import get_template
-
     tokenizer.chat_template = get_template(recipe.model.llm.template).jinja(tokenizer)
-    save_model(model, staging, tokenizer=tokenizer, image_processor=image_processor,
-               state_dict=state_dict, dtype=compute_dtype(recipe))
+    try:
+        save_model(model, staging, tokenizer=tokenizer, image_processor=image_processor,
+                   state_dict=state_dict, dtype=compute_dtype(recipe))
+    except Exception as err:
+        if not is_disk_error(err):
+            raise
+        shutil.rmtree(staging, ignore_errors=True)
+        raise write_failure(run.model_dir, err, "the final model",
+                            then="then resume with --resume auto (the last checkpoint is kept)") from None
     if run.model_dir.exists():
         shutil.rmtree(run.model_dir)
     os.replace(staging, run.model_dir)

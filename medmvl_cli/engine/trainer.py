@@ -3,9 +3,11 @@
 - Sampler: per-file weights and length grouping (`data/sampler.py`), deterministic per epoch.
 - Optimizer: AdamW; weight decay off for norms and biases; optional learning rates per component
   (`train.lr_connector`, `train.lr_encoder`, as LLaVA's mm_projector_lr).
-- Checkpoints: `checkpoints/step-N`, written under Trainer's own name and renamed when complete,
-  so a crash mid-save never leaves a folder that looks resumable; `save_total_limit` honoured.
-  The weights are saved as the model's exact state dict (safetensors) and loaded back strictly.
+- Checkpoints: `checkpoints/step-N`, written under Trainer's own name, given checksums
+  (`engine/checkpoint.py`) and renamed when complete, so a crash mid-save never leaves a folder that
+  looks resumable; `save_total_limit` honoured. A failed save (disk full) stops the run naming the
+  folder. The weights are saved as the model's exact state dict (safetensors) and loaded back
+  strictly; a checkpoint file that does not load stops the run naming it.
 - A NaN / Inf loss stops the run naming the step; nothing is saved after it.
 - Throughput (tokens/s, samples/s) is added to every log line.
 """
@@ -17,6 +19,7 @@ import math
 import os
 import shutil
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -24,8 +27,9 @@ from transformers import Trainer
 
 from medmvl_cli.data.dataset import SKIPPED
 from medmvl_cli.data.sampler import WeightedLengthGroupedSampler
+from medmvl_cli.engine.checkpoint import write_checksums
 from medmvl_cli.engine.run_folder import STEP_DIR
-from medmvl_cli.errors import RunError
+from medmvl_cli.errors import MedmvlError, RunError, write_failure
 
 logger = logging.getLogger(__name__)
 
@@ -134,24 +138,52 @@ class LVLMTrainer(Trainer):
         weights = {k: (v.detach().cpu() if v.is_cuda else v.detach().clone()).contiguous() for k, v in weights.items()}
         save_file(weights, os.path.join(output_dir, WEIGHTS), metadata={"format": "pt"})
 
+    def train(self, resume_from_checkpoint=None, **kwargs):
+        if resume_from_checkpoint:
+            from transformers.trainer_callback import TrainerState
+
+            with _reading(resume_from_checkpoint, "trainer_state.json"):
+                TrainerState.load_from_json(os.path.join(resume_from_checkpoint, "trainer_state.json"))
+        return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
         if self.is_deepspeed_enabled:
-            return super()._load_from_checkpoint(resume_from_checkpoint, model)
+            with _reading(resume_from_checkpoint, "the DeepSpeed state"):
+                return super()._load_from_checkpoint(resume_from_checkpoint, model)
         from safetensors.torch import load_file
 
         model = self.accelerator.unwrap_model(model if model is not None else self.model)
-        result = model.load_state_dict(load_file(os.path.join(resume_from_checkpoint, WEIGHTS)), strict=False)
+        with _reading(resume_from_checkpoint, WEIGHTS):
+            weights = load_file(os.path.join(resume_from_checkpoint, WEIGHTS))
+        result = model.load_state_dict(weights, strict=False)
         if result.missing_keys or result.unexpected_keys:
             raise RunError(f"checkpoint {resume_from_checkpoint} does not fit the model "
                            f"(missing {sorted(result.missing_keys)[:5]}, unexpected {sorted(result.unexpected_keys)[:5]})",
                            hint="resume with the recipe the run was started with")
 
+    def _load_optimizer_and_scheduler(self, checkpoint):
+        with _reading(checkpoint, "optimizer.pt / scheduler.pt"):
+            return super()._load_optimizer_and_scheduler(checkpoint)
+
+    def _load_rng_state(self, checkpoint):
+        with _reading(checkpoint, "rng_state*.pth"):
+            return super()._load_rng_state(checkpoint)
+
     def _save_checkpoint(self, model, trial):
-        super()._save_checkpoint(model, trial)
-        self.accelerator.wait_for_everyone()
+        written = Path(self.args.output_dir) / f"checkpoint-{self.state.global_step}"
+        final = Path(self.args.output_dir) / f"step-{self.state.global_step}"
+        try:
+            super()._save_checkpoint(model, trial)
+            self.accelerator.wait_for_everyone()
+            if self.args.should_save:
+                write_checksums(written)
+        except Exception as err:  # OSError, torch's RuntimeError, SafetensorError: whatever the disk did
+            if isinstance(err, MedmvlError) or not self.args.should_save:
+                raise
+            shutil.rmtree(written, ignore_errors=True)
+            raise write_failure(final, err, f"checkpoint step-{self.state.global_step}",
+                                then="then resume with --resume auto (from the last complete checkpoint)") from None
         if self.args.should_save:
-            written = Path(self.args.output_dir) / f"checkpoint-{self.state.global_step}"
-            final = Path(self.args.output_dir) / f"step-{self.state.global_step}"
             if final.exists():
                 shutil.rmtree(final)
             os.replace(written, final)
@@ -180,3 +212,18 @@ class LVLMTrainer(Trainer):
                 raise RunError(f"the loss became {logs['loss']} by step {self.state.global_step}",
                                hint="lower train.lr or check the data; resume from the last checkpoint with --resume auto")
         super().log(logs, start_time)
+
+
+@contextmanager
+def _reading(checkpoint, what: str):
+    """A checkpoint file that fails to load becomes a RunError naming it, not a traceback (nor Typer's
+    bare "Aborted." for the EOFError of an empty torch file)."""
+    try:
+        yield
+    except MedmvlError:
+        raise
+    except Exception as err:  # torch / safetensors / json raise many kinds for a damaged file
+        detail = f"{type(err).__name__}: {err}" if str(err) else type(err).__name__
+        raise RunError(f"checkpoint {checkpoint}: {what} does not load ({detail})",
+                       hint="resume from another checkpoint (--resume auto skips damaged ones), or start over "
+                            "with --overwrite") from None

@@ -30,7 +30,7 @@ from medmvl_cli.data.annotations import (
     parse_record,
     resolve_media_path,
 )
-from medmvl_cli.errors import DataError, MedmvlError, RunError
+from medmvl_cli.errors import DataError, MedmvlError, RunError, write_failure
 from medmvl_cli.inference.generate import GenerationSettings, Predictor, Request
 
 logger = logging.getLogger(__name__)
@@ -64,33 +64,54 @@ def to_question(record: Record, image_root, volume_root) -> Question:
 
 
 def _prepare_output(out: Path, annotations: Path, model_name: str, overwrite: bool) -> set[str]:
-    """Make `out` ready to append to; returns the ids it already answers."""
+    """Make `out` ready to append to; returns the ids it already answers.
+
+    A file that is not a medmvl predictions file is never appended to, cut or replaced."""
     if out.exists() and out.resolve() == annotations.resolve():
         raise RunError(f"--out {out} is the annotation file itself", hint="write the predictions to another file")
     if out.is_dir():
         raise RunError(f"--out {out} is a folder", hint="give a file path, e.g. predictions.jsonl")
-    if overwrite:
-        out.unlink(missing_ok=True)
     if not out.is_file():
         return set()
+    rows = _read_rows(out)
+    if overwrite:
+        out.unlink()
+        return set()
     _drop_torn_tail(out)
-    ids, models = set(), Counter()
-    for number, line in enumerate(out.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-            ids.add(str(row["id"]))
-            models[row.get("model")] += 1
-        except (ValueError, KeyError, TypeError):
-            raise RunError(f"{out}: line {number} is not a prediction row, so the file cannot be resumed",
-                           hint="pass --overwrite to start it over, or choose another --out") from None
+    models = Counter(row.get("model") for row in rows)
     others = [m for m in models if m != model_name]
     if others:
         raise RunError(f"{out} holds {sum(models[m] for m in others)} row(s) of model {others[0]!r}, "
                        f"not {model_name!r}: resuming would mix two models' answers",
                        hint="pass --overwrite to start it over, or choose another --out")
-    return ids
+    return {str(row["id"]) for row in rows}
+
+
+def _read_rows(out: Path) -> list[dict]:
+    """The prediction rows of `out` (a torn last line left by a killed run is ignored); a RunError
+    when `out` is anything else, so that it is left as it is."""
+    text = out.read_bytes().decode("utf-8", errors="replace")
+    lines = text.split("\n")
+    torn = lines.pop()  # "" when the file ends on a newline; else a line a killed run left half-written
+    rows = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            if not (isinstance(row, dict) and {"id", "prediction", "model"} <= row.keys()):
+                raise ValueError
+        except ValueError:
+            raise _not_predictions(out, f" (line {number} is not a prediction row)") from None
+        rows.append(row)
+    if torn and not rows:
+        raise _not_predictions(out, "")
+    return rows
+
+
+def _not_predictions(out: Path, where: str) -> RunError:
+    return RunError(f"--out {out} is not a medmvl predictions file{where}, so it is neither resumed nor replaced",
+                    hint="choose another --out; medmvl never appends to or replaces a file it did not write")
 
 
 def _drop_torn_tail(out: Path) -> None:
@@ -151,13 +172,14 @@ def predict_file(
     counts = {"asked": 0, "skipped": skipped, "errors": 0}
     if on_progress:
         on_progress(0, len(questions))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with out.open("a", encoding="utf-8") as sink:
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        sink = out.open("a", encoding="utf-8")
+    except OSError as err:
+        raise write_failure(out, err, "--out") from None
+    with sink:
         for batch, rows in answer_in_batches(predictor, questions, settings, batch_size, use_feature_cache):
-            # One write per batch, then to disk: a kill loses at most the batch being generated.
-            sink.write("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
-            sink.flush()
-            os.fsync(sink.fileno())
+            _append(sink, rows, out)
             counts["errors"] += sum("error" in row for row in rows)
             counts["asked"] += len(batch)
             if on_progress:
@@ -171,6 +193,21 @@ def answer_in_batches(predictor: Predictor, questions: list[Question], settings:
     for start in range(0, len(questions), batch_size):
         batch = questions[start:start + batch_size]
         yield batch, _answer(predictor, batch, settings, use_feature_cache)
+
+
+def _append(sink, rows: list[dict], out: Path) -> None:
+    """One write per batch, then to disk: a kill loses at most the batch being generated."""
+    try:
+        sink.write("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
+        sink.flush()
+        os.fsync(sink.fileno())
+    except OSError as err:
+        try:
+            sink.close()  # drops what the full disk refused; closes the file (a second close is a no-op)
+        except OSError:
+            pass
+        raise write_failure(out, err, "--out",
+                            then="run the same command again to answer the rest (rows written so far are kept)") from None
 
 
 def _row(question: Question, model_name: str, prediction: Optional[str] = None, error: Optional[str] = None) -> dict:

@@ -165,10 +165,10 @@ def export_hf_llava(model_dir: Path, out: Path, *, overwrite: bool = False, tran
     from medmvl_cli.data.templates import get_template
     from medmvl_cli.interop.export_medmvl import saved_dtype
     from medmvl_cli.interop.hf_transformers4 import convert_folder_for_transformers4
-    from medmvl_cli.interop.staging import check_output, looks_like_model_folder, staged_folder
+    from medmvl_cli.interop.staging import EXPORT, check_output, staged_folder, write_export_manifest
     from medmvl_cli.model.builder import load_model
 
-    check_output(Path(out), overwrite, looks_like_model_folder, "an exported model folder")  # before the slow load
+    check_output(Path(out), overwrite, EXPORT)  # before the slow load
     model, tokenizer, image_processor = load_model(model_dir, dtype=dtype or saved_dtype(model_dir), merge_lora=True)
     check_llava(model, model_dir)
     if model.image_window():
@@ -190,13 +190,14 @@ def export_hf_llava(model_dir: Path, out: Path, *, overwrite: bool = False, tran
         patch_size=int(encoder["vision_config"]["patch_size"]), vision_feature_select_strategy=strategy,
         num_additional_image_tokens=additional, image_token=IMAGE_TOKEN,
     )
-    with staged_folder(out, overwrite, looks_like_model_folder, "an exported model folder") as staging:
+    with staged_folder(out, overwrite, EXPORT) as staging:
         (staging / "config.json").write_text(json.dumps(llava_config_dict(model, image_token_id), indent=2) + "\n")
         GenerationConfig(**generation_config(tokenizer, template)).save_pretrained(staging)
         write_weights(llava_state_dict(model), staging)
         processor.save_pretrained(staging)
         if transformers4:
             convert_folder_for_transformers4(staging)
+        write_export_manifest(staging)
     logger.info("exported %s as transformers %s LLaVA to %s", model_dir, "4.x" if transformers4 else "5.x", out)
     return out
 

@@ -41,15 +41,16 @@ def export_medmvl(model_dir: Path, out: Path, *, merge_lora: bool = False, overw
                   dtype: Optional[str] = None) -> Path:
     """Write the model of `model_dir` to `out` (atomically); returns `out`."""
     from medmvl_cli.data.templates import get_template
-    from medmvl_cli.interop.staging import check_output, looks_like_model_folder, staged_folder
+    from medmvl_cli.interop.staging import EXPORT, check_output, staged_folder, write_export_manifest
     from medmvl_cli.model.builder import load_model, save_model
 
-    check_output(Path(out), overwrite, looks_like_model_folder, "an exported model folder")  # before the slow load
+    check_output(Path(out), overwrite, EXPORT)  # before the slow load
     model, tokenizer, image_processor = load_model(model_dir, dtype=dtype or saved_dtype(model_dir), merge_lora=merge_lora)
     if merge_lora and not has_adapter(model_dir):
         logger.info("%s has no LoRA adapter: nothing to merge", model_dir)
     tokenizer.chat_template = get_template(model.config.template).jinja(tokenizer)
-    with staged_folder(out, overwrite, looks_like_model_folder, "an exported model folder") as staging:
+    with staged_folder(out, overwrite, EXPORT) as staging:
         save_model(model, staging, tokenizer, image_processor)
+        write_export_manifest(staging)
     logger.info("exported %s to %s%s", model_dir, out, " (LoRA merged)" if merge_lora else "")
     return out

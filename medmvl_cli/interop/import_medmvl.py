@@ -133,11 +133,12 @@ def import_medm_vl(src: Path, out: Path, *, tokenizer_dir: Optional[Path] = None
                    slice_pooling: str = "concat",
                    dtype: Optional[str] = None, allow_approximate: bool = False, overwrite: bool = False) -> Path:
     """Convert the MedM-VL checkpoint in `src` into the run folder `out` (written atomically)."""
-    from medmvl_cli.interop.staging import check_output, staged_folder
+    from medmvl_cli.engine.run_folder import write_marker
+    from medmvl_cli.interop.staging import RUN, check_output, staged_folder
     from medmvl_cli.model.llm import resolve_dtype
 
     out = Path(out)
-    check_output(out, overwrite, looks_like_run, "a medmvl run folder")
+    check_output(out, overwrite, RUN)
     checkpoint = read_checkpoint(src)
     plan, processor = plan_import(
         checkpoint, branch=branch, num_slices=num_slices, slice_pooling=slice_pooling, template=template,
@@ -156,7 +157,8 @@ def import_medm_vl(src: Path, out: Path, *, tokenizer_dir: Optional[Path] = None
     config.dtype = weights[embed].dtype
     for note in plan.notes:
         logger.info("import: %s", note)
-    with staged_folder(out, overwrite, looks_like_run, "a medmvl run folder") as staging:
+    with staged_folder(out, overwrite, RUN) as staging:
+        write_marker(staging)
         write_model(staging / "model", config, weights, tokenizer, processor)
         write_run_files(staging, out, checkpoint, plan)
     logger.info("imported %s into %s", src, out)
@@ -211,8 +213,3 @@ def write_run_files(staging: Path, out: Path, checkpoint: MedmvlCheckpoint, plan
               *(f"# - {note}" for note in plan.notes)]
     (staging / RECIPE).write_text("\n".join(header) + "\n" + dump_recipe(recipe), encoding="utf-8")
     RunFolder(staging).mark_finished()
-
-
-def looks_like_run(path: Path) -> bool:
-    """A run folder medmvl wrote (recipe.yaml or FINISHED), which --overwrite may replace."""
-    return (path / "recipe.yaml").is_file() or (path / "FINISHED").is_file()

@@ -19,6 +19,7 @@ from typing import Any, Optional
 import torch
 
 from medmvl_cli.errors import ModelError
+from medmvl_cli.model.weight_files import check_safetensors
 from medmvl_cli.model.configuration import MedmvlConfig, register
 from medmvl_cli.model.encoders import encoder_from_recipe
 from medmvl_cli.model.encoders.base import mark_loaded
@@ -185,6 +186,8 @@ def load_model(
             f"{folder} is not a medmvl model folder (no config.json)",
             hint="point at a run's model/ folder, e.g. runs/NAME/model",
         )
+    check_safetensors(folder, "model", hint=f"the model in {folder} is damaged: train or export it again, "
+                                            "or restore it from a backup")
     register()
     try:
         config = MedmvlConfig.from_pretrained(str(folder))

@@ -11,6 +11,7 @@ from typing import Any, Optional
 import torch
 
 from medmvl_cli.errors import ModelError
+from medmvl_cli.model.weight_files import check_safetensors
 
 logger = logging.getLogger(__name__)
 
@@ -69,6 +70,7 @@ def load_llm(folder: str, dtype: torch.dtype, attn_implementation: str):
 
     if not Path(folder).exists() and folder.startswith((".", "/", "~")):
         raise ModelError(f"LLM folder {folder} does not exist", hint="set model.llm.path to a local HF model folder")
+    check_safetensors(folder, "model.llm.path", hint="restore the LLM folder (download or copy it again)")
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder)
         llm = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, attn_implementation=attn_implementation)

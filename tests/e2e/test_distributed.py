@@ -78,3 +78,19 @@ def test_deepspeed_zero3_on_two_ranks_matches_one_rank_and_saves_whole_weights(r
     for key in a:
         assert a[key].shape == b[key].shape, key
         assert torch.allclose(a[key], b[key], atol=1e-4), key
+
+
+def test_deepspeed_resumes_only_checkpoints_medmvl_checksummed(recipe_2d, tmp_path):
+    """DeepSpeed unpickles its global_step* files: a file planted there makes the checkpoint damaged."""
+    common = ["-q", "train.logging_steps=1", "train.save_steps=1", "train.save_total_limit=null",
+              "distributed.deepspeed=zero2", "output_dir=runs/ds"]
+    medmvl("finetune", str(recipe_2d), *common, "train.max_steps=2", "--master-port", str(free_port()), timeout=1200)
+    run = tmp_path / "runs" / "ds"
+    step2 = run / "checkpoints" / "step-2"
+    assert any(p.name.startswith("global_step") for p in step2.iterdir())
+    planted = next(step2.glob("global_step*")) / "extra_states.pt"
+    planted.write_bytes(b"not medmvl's")
+    resumed = medmvl("finetune", str(recipe_2d), *common, "train.max_steps=3", "--resume", "auto",
+                     "--master-port", str(free_port()), timeout=1200)
+    assert "skipping damaged checkpoint step-2" in resumed.stderr and str(planted) in resumed.stderr
+    assert sorted(read_metrics(run)) == [1, 2, 3] and (run / "FINISHED").is_file()

@@ -19,6 +19,7 @@ from typer.testing import CliRunner
 from medmvl_cli.cli.app import app
 from medmvl_cli.config.loader import load_recipe
 from medmvl_cli.engine.stages import train_stage
+from medmvl_cli.errors import RunError
 from medmvl_cli.inference.generate import GenerationSettings, Predictor
 from medmvl_cli.model.builder import build_model, load_model, save_model
 from tests.e2e.conftest import RECIPE_2D, RECIPE_3D
@@ -134,7 +135,7 @@ def test_a_non_empty_out_is_refused_and_overwrite_replaces_only_exports(tmp_path
     refused = runner.invoke(app, ["export", "--model", str(source), "--out", str(out)])
     assert refused.exit_code == 1 and "not empty" in flat(refused.output) and "--overwrite" in flat(refused.output)
     forced = runner.invoke(app, ["export", "--model", str(source), "--out", str(out), "--overwrite"])
-    assert forced.exit_code == 1 and "does not look like" in flat(forced.output)
+    assert forced.exit_code == 1 and "has no medmvl-export.json" in flat(forced.output)
     assert (out / "notes.txt").read_text() == "keep me"
 
     first = runner.invoke(app, ["export", "--model", str(source), "--out", str(tmp_path / "export"), "--dtype", "bfloat16"])
@@ -162,7 +163,7 @@ def test_a_failed_export_leaves_the_old_folder_and_no_staging(tmp_path, monkeypa
         raise OSError("disk full")
 
     monkeypatch.setattr("medmvl_cli.model.builder.save_model", broken)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(RunError, match=f"cannot write --out at {out} \\(disk full\\)"):
         export_medmvl.export_medmvl(source, out, overwrite=True, dtype="bfloat16")
     assert sorted(p.name for p in out.iterdir()) == before
     assert json.loads((out / "config.json").read_text())["dtype"] == "float32"
@@ -306,7 +307,7 @@ def test_transformers4_variant_matches_what_transformers4_loads(tmp_path, synth_
     out = tmp_path / "llava4"
     assert sorted(p.name for p in out.iterdir()) == sorted([
         "config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
-        "processor_config.json", "preprocessor_config.json", "chat_template.json"])
+        "processor_config.json", "preprocessor_config.json", "chat_template.json", "medmvl-export.json"])
     # Weights: 4.x's vision tower is a SiglipVisionModel, whose keys start with vision_model.
     state = load_file(str(out / "model.safetensors"))
     with safe_open(str(out / "model.safetensors"), "pt") as f:

@@ -446,9 +446,11 @@ def test_options_paths_and_out_folder(ct_chest, tmp_path):
     other = tmp_path / "notes"
     other.mkdir()
     (other / "a.txt").write_text("keep")
-    with pytest.raises(RunError, match="does not look like"):
+    with pytest.raises(RunError, match="has no medmvl-run.json"):
         import_medm_vl(src, other, num_slices=SLICES, overwrite=True)
+    assert (other / "a.txt").read_text() == "keep"
     import_medm_vl(src, both, num_slices=SLICES, overwrite=True)
+    assert json.loads((both / "medmvl-run.json").read_text())["format"] == "medmvl-run"
     assert json.loads((both / "model" / "config.json").read_text())["image"] is None
     with pytest.raises(ModelError, match="has its own 3D encoder"):
         broken = broken_copy(src, tmp_path / "two", lambda s, c: c.update(lvlm_encoder_image3d_type="m3dclip"))

@@ -49,7 +49,8 @@ def test_same_seed_same_bytes(tmp_path):
 
 def test_layout_and_record_format(dataset):
     names = {p.name for p in dataset.iterdir()}
-    assert names == {"images", "volumes", "train_2d.json", "test_2d.json", "train_3d.json", "test_3d.json"}
+    assert names == {"images", "volumes", "train_2d.json", "test_2d.json", "train_3d.json", "test_3d.json",
+                     "medmvl-synth.json"}
     for dim in ("2d", "3d"):
         train, test = _records(dataset / f"train_{dim}.json"), _records(dataset / f"test_{dim}.json")
         assert len(train) + len(test) == 48 and len(test) == 10
@@ -197,6 +198,15 @@ def test_refuses_to_overwrite_without_the_flag(tmp_path):
     synthesize(tmp_path, kind="2d", n=6, seed=1, overwrite=True, **SMALL)
     assert len(list((tmp_path / "images").iterdir())) == 6  # the old images folder was replaced
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def test_overwrite_replaces_only_what_synth_wrote(tmp_path):
+    (tmp_path / "images").mkdir()
+    (tmp_path / "images" / "patient-001.png").write_bytes(b"a user's image")
+    with pytest.raises(DataError, match="did not write"):
+        synthesize(tmp_path, kind="2d", n=4, seed=0, overwrite=True, **SMALL)
+    assert (tmp_path / "images" / "patient-001.png").read_bytes() == b"a user's image"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["images"]
 
 
 def test_a_failed_run_leaves_nothing_behind(tmp_path, monkeypatch):

@@ -15,6 +15,7 @@ from typing import Any, ClassVar, Optional
 import torch
 
 from medmvl_cli.errors import ModelError
+from medmvl_cli.model.weight_files import check_safetensors
 from medmvl_cli.model.encoders.base import Encoder, TokenLayout, check_select_layer
 
 logger = logging.getLogger(__name__)
@@ -72,6 +73,7 @@ class HFVisionTower(Encoder):
         config_cls, model_cls, _ = cls._classes()
         from transformers.utils import logging as hf_logging
 
+        check_safetensors(folder, f"{cls.type} encoder", hint="restore the encoder folder (download or copy it again)")
         verbosity = hf_logging.get_verbosity()
         hf_logging.set_verbosity_error()  # our own key report below replaces transformers' table
         try:

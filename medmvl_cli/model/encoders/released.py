@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from medmvl_cli.errors import ModelError
+from medmvl_cli.model.weight_files import check_safetensors
 
 logger = logging.getLogger(__name__)
 
@@ -40,6 +41,7 @@ def read_state_dict(folder: Path, what: str) -> tuple[dict[str, torch.Tensor], P
     folder = Path(folder)
     if not folder.is_dir():
         raise ModelError(f"{what}: weights folder {folder} does not exist", hint="set `path` to a local folder holding the released weights")
+    check_safetensors(folder, what, hint="restore the encoder folder (download or copy it again)")
     for name in WEIGHT_FILES:
         path = folder / name
         if not path.is_file():

@@ -1,0 +1,24 @@
+"""A look at weight files before a library reads them: a truncated or corrupt `.safetensors`
+becomes a ModelError naming the file, not a deserialising error from deep inside transformers."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from medmvl_cli.errors import ModelError
+
+
+def check_safetensors(folder: str | Path, what: str, hint: str) -> None:
+    """Read the header of every `.safetensors` file in `folder` and its subfolders one level down
+    (adapters); safetensors checks there that the file holds every byte its header promises."""
+    from safetensors import safe_open
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        return
+    for path in sorted(folder.glob("*.safetensors")) + sorted(folder.glob("*/*.safetensors")):
+        try:
+            with safe_open(str(path), framework="pt"):
+                pass
+        except Exception as err:  # SafetensorError, OSError: either way the file cannot be used
+            raise ModelError(f"{what}: {path} is damaged (truncated or corrupt: {err})", hint=hint) from None
