@@ -82,7 +82,7 @@ def _prepare_output(out: Path, annotations: Path, model_name: str, overwrite: bo
             row = json.loads(line)
             ids.add(str(row["id"]))
             models[row.get("model")] += 1
-        except (ValueError, KeyError, TypeError):
+        except (ValueError, KeyError, TypeError, RecursionError):
             raise RunError(f"{out}: line {number} is not a prediction row, so the file cannot be resumed",
                            hint="pass --overwrite to start it over, or choose another --out") from None
     others = [m for m in models if m != model_name]
