@@ -89,17 +89,30 @@ def _sections(annotation: Any) -> list[type[BaseModel]]:
     return []
 
 
+def _children(field, key: str) -> list[tuple[type[BaseModel], str]]:
+    """The sections under a field, each with the prefix of its keys (`.N.` for list items)."""
+    is_list = typing.get_origin(field.annotation) is list or "list[" in _type_name(field.annotation)
+    return [(section, f"{key}.N." if is_list else f"{key}.") for section in _sections(field.annotation)]
+
+
+def key_paths(model: type[BaseModel] = Recipe, prefix: str = "") -> list[str]:
+    """Every key a recipe may hold, dotted (`N` for a list index), e.g. `data.train.N.weight`."""
+    out = []
+    for name, field in model.model_fields.items():
+        out.append(prefix + name)
+        for section, child_prefix in _children(field, prefix + name):
+            out += key_paths(section, child_prefix)
+    return out
+
+
 def _walk(model: type[BaseModel], prefix: str, out: list[str]) -> None:
     rows, children = [], []
     fields = sorted(model.model_fields.items(), key=lambda item: item[0] != "type")
     for name, field in fields:
         key = f"{prefix}{name}"
-        sections = _sections(field.annotation)
         description = (field.description or "").replace("|", "\\|")
         rows.append(f"| `{key}` | {_type_name(field.annotation)} | {_default(field)} | {description} |")
-        is_list = typing.get_origin(field.annotation) is list or "list[" in _type_name(field.annotation)
-        for section in sections:
-            children.append((section, f"{key}.N." if is_list else f"{key}."))
+        children += _children(field, key)
     type_field = model.model_fields.get("type")
     variant = f" (`type: {typing.get_args(type_field.annotation)[0]}`)" if type_field else ""
     title = prefix.rstrip(".") or "(top level)"
