@@ -170,7 +170,7 @@ def detect_format(path: Path | str) -> FileFormat:
     if text[0] == "[":
         return "json"
     if text[0] == "{":
-        first = text.split("\n", 1)[0].strip()
+        first = _first_line(path)
         try:
             json.loads(first)
         except (json.JSONDecodeError, RecursionError):  # the line-by-line reader reports it
@@ -193,6 +193,16 @@ def detect_format(path: Path | str) -> FileFormat:
 
 # json's decoder recurses once per nesting level: past about a thousand it raises RecursionError.
 _TOO_DEEP = "nested too deeply (about a thousand levels or more) for the JSON parser"
+
+
+def _first_line(path: Path) -> str:
+    """The first non-blank line, whole: one JSONL record may be longer than any fixed head."""
+    with open(path, "rb") as fh:
+        for raw in fh:
+            line = raw.decode("utf-8-sig", errors="replace").strip()
+            if line:
+                return line
+    return ""
 
 
 def _not_json(err: Exception) -> str:

@@ -99,7 +99,7 @@ def checked_volume_header(path: str | Path, max_voxels: int = DEFAULT_MAX_VOXELS
     """``volume_header``, refused with ``TooLargeError`` above ``max_voxels`` (and with
     ``DataError`` when the file is shorter than its header says)."""
     header = volume_header(path)
-    check_voxels(path, header.voxels, max_voxels, header.shape if header.fmt != "dicom" else None)
+    check_voxels(path, header.voxels, max_voxels, header.shape)
     if header.short_by:
         raise DataError(f"{path}: truncated: {header.short_by:,} bytes short of the data its header declares.",
                         hint="Copy or save the file again.")
