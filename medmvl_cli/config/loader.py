@@ -46,9 +46,13 @@ class _RecipeYamlLoader(yaml.SafeLoader):
     """PyYAML's SafeLoader, but a key written twice in one mapping is an error, not a silent
     override (PyYAML keeps the last one). Merge keys (``<<: *base``) may still be overridden."""
 
+    def __init__(self, stream):
+        super().__init__(stream)
+        self.key_paths: dict[int, list[str]] = {}
+        self.duplicates: list[tuple[int, Problem]] = []  # (line, problem)
+
     def construct_document(self, node):
         self.key_paths = _key_paths(node)
-        self.duplicates: list[Problem] = []
         return super().construct_document(node)
 
     def construct_mapping(self, node, deep=False):
@@ -64,7 +68,7 @@ class _RecipeYamlLoader(yaml.SafeLoader):
             key, line = self.construct_object(key_node), key_node.start_mark.line + 1
             if key in first_line:
                 path = ".".join([*self.key_paths.get(id(node), []), str(key)])
-                self.duplicates.append(Problem(path, f"written twice (lines {first_line[key]} and {line})"))
+                self.duplicates.append((line, Problem(path, f"written twice (lines {first_line[key]} and {line})")))
             else:
                 first_line[key] = line
 
@@ -92,7 +96,7 @@ def load_yaml(text: str, where: str) -> Any:
         tree = loader.get_single_data()
     finally:
         loader.dispose()
-    duplicates = getattr(loader, "duplicates", [])
+    duplicates = [problem for _, problem in sorted(loader.duplicates, key=lambda d: d[0])]
     if duplicates:
         lines = "\n".join(f"  - {p}" for p in duplicates)
         raise RecipeError(f"{where}: {len(duplicates)} key(s) written twice\n{lines}",

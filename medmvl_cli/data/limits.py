@@ -20,6 +20,7 @@ from __future__ import annotations
 import gzip
 import math
 import re
+import struct
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -135,7 +136,9 @@ def _nifti_header(path: Path) -> VolumeHeader:
 
     opener = gzip.open if path.name.lower().endswith(".gz") else open
     with opener(path, "rb") as fh:
-        block = fh.read(nib.Nifti2Header.sizeof_hdr)
+        block = fh.read(nib.Nifti1Header.sizeof_hdr)
+        if block[:4] in (struct.pack("<i", 540), struct.pack(">i", 540)):  # sizeof_hdr of NIfTI-2
+            block += fh.read(nib.Nifti2Header.sizeof_hdr - len(block))
     for klass in (nib.Nifti1Header, nib.Nifti2Header):
         if len(block) >= klass.sizeof_hdr and klass.may_contain_header(block[:klass.sizeof_hdr]):
             header = klass(block[:klass.sizeof_hdr], check=False)
