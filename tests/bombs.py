@@ -59,39 +59,27 @@ def npy(path: Path, shape=GIANT) -> Path:
     return path
 
 
-def dicom(path: Path, rows: int = 30000, columns: int = 30000, slice_index: int = 0) -> Path:
-    """A CT slice whose tags declare rows x columns 16-bit pixels; its pixel data is 4 KB."""
-    import pydicom
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
-
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = CTImageStorage
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID, ds.SOPInstanceUID = CTImageStorage, meta.MediaStorageSOPInstanceUID
-    ds.Modality, ds.SeriesInstanceUID = "CT", "1.2.826.0.1.3680043.8.498.1"
-    ds.StudyInstanceUID = "1.2.826.0.1.3680043.8.498.2"
-    ds.InstanceNumber = slice_index + 1
-    ds.ImagePositionPatient = [0.0, 0.0, float(slice_index)]
-    ds.ImageOrientationPatient = [1.0, 0.0, 0.0, 0.0, 1.0, 0.0]
-    ds.PixelSpacing = [1.0, 1.0]
-    ds.Rows, ds.Columns = rows, columns
-    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
-    ds.PixelData = b"\0" * 4096
-    pydicom.dcmwrite(path, ds, enforce_file_format=True)
-    return path
-
-
 def dicom_series(folder: Path, slices: int = 3, rows: int = 16384, columns: int = 16384) -> Path:
-    """A folder of `slices` DICOM files that together declare slices x rows x columns voxels."""
-    folder.mkdir(parents=True, exist_ok=True)
-    for i in range(slices):
-        dicom(folder / f"slice-{i:03d}.dcm", rows, columns, slice_index=i)
+    """A folder of `slices` CT files whose tags declare rows x columns 16-bit pixels each; each
+    holds the pixel data of a 2 x 2 slice."""
+    import pydicom
+
+    from tests.unit.test_volume_io import write_ct_series
+
+    write_ct_series(folder, np.zeros((slices, 2, 2)))
+    for file in folder.iterdir():
+        ds = pydicom.dcmread(file)
+        ds.Rows, ds.Columns = rows, columns
+        ds.save_as(file, enforce_file_format=True)
     return folder
+
+
+def dicom(path: Path, rows: int = 30000, columns: int = 30000) -> Path:
+    """One CT slice declaring rows x columns pixels (a 2D image for `image`)."""
+    (only,) = dicom_series(path.parent / f".{path.name}.d", slices=1, rows=rows, columns=columns).iterdir()
+    only.rename(path)
+    only.parent.rmdir()
+    return path
 
 
 def png(path: Path, width: int = 50000, height: int = 50000) -> Path:

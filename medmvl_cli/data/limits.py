@@ -45,24 +45,19 @@ class TooLargeError(DataError):
 
 def check_voxels(path: str | Path, voxels: int, max_voxels: int, shape: Optional[tuple] = None) -> None:
     """Raise ``TooLargeError`` when a volume declares more than ``max_voxels`` voxels."""
-    if voxels > max_voxels:
-        declared = f"shape {tuple(int(s) for s in shape)}, " if shape is not None else ""
-        raise TooLargeError(
-            f"{path}: the header declares {declared}{voxels:,} voxels, over the limit of {max_voxels:,}; "
-            "not decoded.",
-            hint=VOXELS_HINT,
-        )
+    declared = f"shape {tuple(int(s) for s in shape)}, " if shape is not None else ""
+    _refuse_above(path, f"the header declares {declared}{voxels:,} voxels", voxels, max_voxels, VOXELS_HINT)
 
 
 def check_pixels(path: str | Path, pixels: int, max_pixels: int, size: Optional[tuple] = None) -> None:
     """Raise ``TooLargeError`` when a 2D image declares more than ``max_pixels`` pixels."""
-    if pixels > max_pixels:
-        declared = f"{size[0]} x {size[1]}, " if size is not None else ""
-        raise TooLargeError(
-            f"{path}: the image declares {declared}{pixels:,} pixels, over the limit of {max_pixels:,}; "
-            "not decoded.",
-            hint=PIXELS_HINT,
-        )
+    declared = f"{size[0]} x {size[1]}, " if size is not None else ""
+    _refuse_above(path, f"the image declares {declared}{pixels:,} pixels", pixels, max_pixels, PIXELS_HINT)
+
+
+def _refuse_above(path: str | Path, declares: str, count: int, limit: int, hint: str) -> None:
+    if count > limit:
+        raise TooLargeError(f"{path}: {declares}, over the limit of {limit:,}; not decoded.", hint=hint)
 
 
 # ------------------------------------------------------------------------------------ volumes

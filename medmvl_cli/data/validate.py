@@ -261,10 +261,15 @@ def check_volume_file(path: Path, *, full_decode: bool = False, max_voxels: int 
     except TooLargeError as err:
         return [Issue(TooLargeError.kind, err.message)]
     except MedmvlError as err:
-        return [Issue("unreadable", f"{path}: {err.message}")]
+        return [Issue("unreadable", _naming(path, err.message))]
     except Exception as err:  # every reader has its own exceptions for a broken file
         return [Issue("unreadable", f"{path}: {type(err).__name__}: {err}")]
     return []
+
+
+def _naming(path: Path, message: str) -> str:
+    """A reader's message, with the file named once (the readers name it themselves)."""
+    return message if message.startswith(str(path)) else f"{path}: {message}"
 
 
 def _is_image(path: Path) -> bool:
@@ -311,7 +316,7 @@ def check_image_file(path: Path, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> lis
     except TooLargeError as err:
         return [Issue(TooLargeError.kind, err.message)]
     except MedmvlError as err:
-        return [Issue("unreadable", f"{path}: {err.message}")]
+        return [Issue("unreadable", _naming(path, err.message))]
     except Exception as err:
         return [Issue("unreadable", f"{path}: {type(err).__name__}: {err}")]
     return []
