@@ -81,7 +81,7 @@ def validate(
     """
     from rich.console import Console
 
-    from medmvl_cli.data.limits import DEFAULT_MAX_PIXELS, DEFAULT_MAX_VOXELS
+    from medmvl_cli.cli.options import limit_options
     from medmvl_cli.data.validate import roots_from_recipe, validate_annotations
 
     loaded = None
@@ -92,16 +92,14 @@ def validate(
         recipe_image_root, recipe_volume_root = roots_from_recipe(loaded, annotations)
         image_root = image_root or (Path(recipe_image_root) if recipe_image_root else None)
         volume_root = volume_root or (Path(recipe_volume_root) if recipe_volume_root else None)
-    limits = loaded.data if loaded is not None else None
-    max_voxels = max_voxels or (limits.max_voxels if limits else DEFAULT_MAX_VOXELS)
-    max_pixels = max_pixels or (limits.max_pixels if limits else DEFAULT_MAX_PIXELS)
+        max_voxels, max_pixels = max_voxels or loaded.data.max_voxels, max_pixels or loaded.data.max_pixels
 
     err = Console(stderr=True)
     with _progress(err, enabled=not quiet and not as_json and err.is_terminal) as on_progress:
         report = validate_annotations(
             annotations, image_root, volume_root, strict_paths=strict_paths, workers=workers,
             mode=mode.value, check_files=not no_files, full_decode=full_decode, recipe=loaded,
-            progress=on_progress, max_voxels=max_voxels, max_pixels=max_pixels,
+            progress=on_progress, **limit_options(max_voxels, max_pixels),
         )
     if as_json:
         typer.echo(json.dumps(report.to_dict(), indent=2, ensure_ascii=False))

@@ -22,14 +22,14 @@ LIMITS = "Input limits (checked from file headers, before decoding)"
 MaxVoxelsOption = Annotated[
     Optional[int],
     typer.Option("--max-voxels", min=1, rich_help_panel=LIMITS, show_default=False,
-                 help=f"Refuse a volume whose header declares more voxels [default: 512 x 512 x 2048 = "
-                      f"{DEFAULT_MAX_VOXELS:,}, or a --recipe's data.max_voxels]."),
+                 help=f"Refuse a volume whose header declares more voxels (default 512 x 512 x 2048 = "
+                      f"{DEFAULT_MAX_VOXELS:,}, or a --recipe's data.max_voxels)."),
 ]
 MaxPixelsOption = Annotated[
     Optional[int],
     typer.Option("--max-pixels", min=1, rich_help_panel=LIMITS, show_default=False,
-                 help=f"Refuse a 2D image whose header declares more pixels [default: {DEFAULT_MAX_PIXELS:,} "
-                      "(PIL's decompression-bomb limit), or a --recipe's data.max_pixels]."),
+                 help=f"Refuse a 2D image whose header declares more pixels (default {DEFAULT_MAX_PIXELS:,}, "
+                      "PIL's decompression-bomb limit, or a --recipe's data.max_pixels)."),
 ]
 
 

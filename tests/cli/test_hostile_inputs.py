@@ -134,18 +134,20 @@ def recipe_check(text: str):
     return make
 
 
-def with_small_volume(command: str):
-    """`data cache` / `finetune` on a genuine 8x16x16 volume with data.max_voxels=1000: the
-    recipe's limit reaches the cache and the training dataset."""
+def with_small_volume(*command: str):
+    """A genuine 8x16x16 volume and a recipe with data.max_voxels: 1000: the recipe's limit
+    reaches `data validate --recipe`, the volume cache and the training dataset."""
     def make(tmp: Path, _model: Path):
         np.save(tmp / "ct.npy", np.zeros((8, 16, 16), np.int16))
         annotations = tmp / "train.json"
         annotations.write_text(json.dumps([_record(image3d="ct.npy", conversations=[
             {"from": "human", "value": "<image3d>\nQ"}, TURN[1]])]))
         recipe = tmp / "recipe.yaml"
-        recipe.write_text(RECIPE.format(annotations=annotations, root=tmp))
-        args = [command, str(recipe), "data.max_voxels=1000", f"output_dir={tmp / 'run'}"]
-        return (args if command == "finetune" else ["data", *args[:-1]]), "ct.npy"
+        recipe.write_text(RECIPE.format(annotations=annotations, root=tmp).replace(
+            "  num_workers: 0\n", "  num_workers: 0\n  max_voxels: 1000\n"))
+        if command[-1] == "validate":
+            return [*command, str(annotations), "--recipe", str(recipe), "--json"], "ct.npy"
+        return [*command, str(recipe), f"output_dir={tmp / 'run'}"], "ct.npy"
     return make
 
 
@@ -170,7 +172,8 @@ CASES = {
     "png-over-limit-validate": Case(validate_media("image", lambda t: bombs.png(t / "big.png", 10000, 10000)), kind="too_large"),
     "dicom-image-infer": Case(infer_media("--image", lambda t: bombs.dicom(t / "bomb.dcm")), says="over the limit"),
     # the recipe's data.max_voxels reaches the volume cache and the training dataset
-    "recipe-limit-data-cache": Case(with_small_volume("cache"), says="over the limit of 1,000"),
+    "recipe-limit-data-validate": Case(with_small_volume("data", "validate"), kind="too_large"),
+    "recipe-limit-data-cache": Case(with_small_volume("data", "cache"), says="over the limit of 1,000"),
     "recipe-limit-finetune": Case(with_small_volume("finetune"), says="over the limit of 1,000"),
     # text
     "50mb-turn-validate": Case(validate_text(HUGE_TURN + "\n"), kind="too_long"),
