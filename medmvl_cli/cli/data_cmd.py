@@ -9,6 +9,8 @@ from typing import Annotated, Optional
 
 import typer
 
+from medmvl_cli.cli.options import MaxPixelsOption, MaxVoxelsOption
+
 app = typer.Typer(no_args_is_help=True)
 
 
@@ -45,7 +47,7 @@ def validate(
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON on stdout.")] = False,
     strict_paths: Annotated[
         bool,
-        typer.Option("--strict-paths", help="Flag absolute paths and paths that climb out of their root with `..`."),
+        typer.Option("--strict-paths", help="Flag (and do not open) absolute paths and paths that leave their root by `..` or a symlink."),
     ] = False,
     workers: Annotated[
         Optional[int],
@@ -65,17 +67,21 @@ def validate(
     ] = False,
     show: Annotated[int, typer.Option("--show", min=0, help="Records listed in detail in the summary.")] = 20,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+    max_voxels: MaxVoxelsOption = None,
+    max_pixels: MaxPixelsOption = None,
 ) -> None:
     """Check every record and every file it names; list every problem. Exit 1 if there is any.
 
     Records: schema, turn order, answers (training files), <image> / <image3d> counts, duplicate ids.
 
-    Files: missing, not decoding, wrong dimensionality, NaN / Inf; with --strict-paths, absolute or escaping paths.
+    Files: missing, not decoding, wrong dimensionality, NaN / Inf, over --max-voxels / --max-pixels (from the
+    header, never decoded); with --strict-paths, absolute paths and paths escaping their root by `..` or a symlink.
 
     The input file is only read. Example: medmvl data validate data/train_3d.json --volume-root data/ct --json
     """
     from rich.console import Console
 
+    from medmvl_cli.cli.options import limit_options
     from medmvl_cli.data.validate import roots_from_recipe, validate_annotations
     from medmvl_cli.progress import JobProgress
 
@@ -87,12 +93,13 @@ def validate(
         recipe_image_root, recipe_volume_root = roots_from_recipe(loaded, annotations)
         image_root = image_root or (Path(recipe_image_root) if recipe_image_root else None)
         volume_root = volume_root or (Path(recipe_volume_root) if recipe_volume_root else None)
+        max_voxels, max_pixels = max_voxels or loaded.data.max_voxels, max_pixels or loaded.data.max_pixels
 
     with JobProgress("checking files", enabled=not (quiet or as_json), transient=True, unit="files") as progress:
         report = validate_annotations(
             annotations, image_root, volume_root, strict_paths=strict_paths, workers=workers,
             mode=mode.value, check_files=not no_files, full_decode=full_decode, recipe=loaded,
-            progress=progress.update,
+            progress=progress.update, **limit_options(max_voxels, max_pixels),
         )
     if as_json:
         typer.echo(json.dumps(report.to_dict(), indent=2, ensure_ascii=False))
@@ -252,7 +259,7 @@ def cache(
             paths.extend(resolve_media_path(p, root) for p in record.volumes)
     console = Console(stderr=True)
     with JobProgress("caching volumes", console, enabled=not quiet, unit="volumes") as progress:
-        report = VolumeCache(resolved.data.cache_dir).fill(
+        report = VolumeCache(resolved.data.cache_dir, resolved.data.max_voxels).fill(
             paths, resolved.model.image3d.volume, workers=workers,
             progress=lambda done, total, _path: progress.update(done, total),
             executor="process" if workers > 1 else "thread",

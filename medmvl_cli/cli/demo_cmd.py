@@ -8,6 +8,8 @@ from typing import Annotated, Optional
 
 import typer
 
+from medmvl_cli.cli.options import MaxPixelsOption, MaxVoxelsOption
+
 logger = logging.getLogger(__name__)
 SERVER = "Server"
 
@@ -18,6 +20,8 @@ def demo(
     port: Annotated[int, typer.Option("--port", min=1, max=65535, help="Port to listen on.", rich_help_panel=SERVER)] = 7860,
     max_upload_mb: Annotated[float, typer.Option("--max-upload-mb", min=1, help="Largest file a user may upload, in MB.", rich_help_panel=SERVER)] = 1024,
     share: Annotated[bool, typer.Option("--share", help="Also publish a public gradio.live link (needs internet; anyone with the link can use the model).", rich_help_panel=SERVER)] = False,
+    max_voxels: MaxVoxelsOption = None,
+    max_pixels: MaxPixelsOption = None,
 ) -> None:
     """Start a web page to view a 2D image or a 3D volume and chat with a model about it.
 
@@ -31,6 +35,7 @@ def demo(
     """
     from rich.console import Console
 
+    from medmvl_cli.cli.options import limit_options
     from medmvl_cli.demo.app import launch, require_gradio
     from medmvl_cli.inference.generate import Predictor, resolve_model_dir
 
@@ -42,7 +47,8 @@ def demo(
         logger.warning("listening on %s: anyone who can reach this machine can use the model (the page has no login)", host)
     if share:
         logger.warning("--share: the page is published on a public gradio.live address")
-    predictor = Predictor(model_dir)
+    limits = limit_options(max_voxels, max_pixels)
+    predictor = Predictor(model_dir, **limits)
 
     def ready(local_url: str, share_url: Optional[str]) -> None:
         typer.echo(local_url.rstrip("/") + "/", nl=True)
@@ -50,7 +56,7 @@ def demo(
             typer.echo(share_url)
         err.print(f"medmvl demo is running: open {local_url} in a browser (Ctrl+C stops it).")
 
-    launch(predictor, host=host, port=port, max_upload_mb=max_upload_mb, share=share, on_ready=ready)
+    launch(predictor, host=host, port=port, max_upload_mb=max_upload_mb, share=share, on_ready=ready, **limits)
 
 
 def _is_loopback(host: str) -> bool:

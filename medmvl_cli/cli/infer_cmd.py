@@ -9,6 +9,8 @@ from typing import Annotated, Optional
 
 import typer
 
+from medmvl_cli.cli.options import MaxPixelsOption, MaxVoxelsOption
+
 GEN = "Generation"
 BATCH = "Batch (--data)"
 DEFAULT_PROMPTS = {
@@ -35,6 +37,8 @@ def infer(
     num_beams: Annotated[int, typer.Option("--num-beams", min=1, help="Beam search width.", rich_help_panel=GEN)] = 1,
     seed: Annotated[Optional[int], typer.Option("--seed", help="Seed for sampling, to draw the same answers again.", rich_help_panel=GEN)] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+    max_voxels: MaxVoxelsOption = None,
+    max_pixels: MaxPixelsOption = None,
 ) -> None:
     """Answer a question about one image or volume, or every record of an annotation file.
 
@@ -58,12 +62,13 @@ def infer(
                                  param_hint="--prompt")
     from rich.console import Console
 
+    from medmvl_cli.cli.options import limit_options
     from medmvl_cli.inference.generate import GenerationSettings, Predictor, Request, choose_model
 
     err = Console(stderr=True)
     model_dir, how = choose_model(model)
     err.print(f"model: {model_dir} ({how})", highlight=False, soft_wrap=True)
-    predictor = Predictor(model_dir)
+    predictor = Predictor(model_dir, **limit_options(max_voxels, max_pixels))
     settings = GenerationSettings(max_new_tokens, temperature, top_p, num_beams)
     if seed is not None:
         import torch

@@ -41,6 +41,70 @@ class RawRecipe:
     overridden: set[str]
 
 
+# ------------------------------------------------------------------------------------------ YAML
+class _RecipeYamlLoader(yaml.SafeLoader):
+    """PyYAML's SafeLoader, but a key written twice in one mapping is an error, not a silent
+    override (PyYAML keeps the last one). Merge keys (``<<: *base``) may still be overridden."""
+
+    def __init__(self, stream):
+        super().__init__(stream)
+        self.key_paths: dict[int, list[str]] = {}
+        self.duplicates: list[tuple[int, Problem]] = []  # (line, problem)
+
+    def construct_document(self, node):
+        self.key_paths = _key_paths(node)
+        return super().construct_document(node)
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            self._find_duplicates(node)
+        return super().construct_mapping(node, deep=deep)
+
+    def _find_duplicates(self, node: yaml.MappingNode) -> None:
+        first_line: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge" or not isinstance(key_node, yaml.ScalarNode):
+                continue
+            key, line = self.construct_object(key_node), key_node.start_mark.line + 1
+            if key in first_line:
+                path = ".".join([*self.key_paths.get(id(node), []), str(key)])
+                self.duplicates.append((line, Problem(path, f"written twice (lines {first_line[key]} and {line})")))
+            else:
+                first_line[key] = line
+
+
+def _key_paths(root: yaml.Node) -> dict[int, list[str]]:
+    """The key path of every mapping node (by id), for naming duplicates."""
+    paths: dict[int, list[str]] = {}
+    stack: list[tuple[yaml.Node, list[str]]] = [(root, [])]
+    while stack:
+        node, path = stack.pop()
+        if id(node) in paths:  # an alias to a node already seen
+            continue
+        paths[id(node)] = path
+        if isinstance(node, yaml.MappingNode):
+            stack += [(value, path + [str(key.value)]) for key, value in node.value if isinstance(key, yaml.ScalarNode)]
+        elif isinstance(node, yaml.SequenceNode):
+            stack += [(item, path + [str(i)]) for i, item in enumerate(node.value)]
+    return paths
+
+
+def load_yaml(text: str, where: str) -> Any:
+    """Parse recipe YAML; RecipeError naming every key written twice, with its lines."""
+    loader = _RecipeYamlLoader(text)
+    try:
+        tree = loader.get_single_data()
+    finally:
+        loader.dispose()
+    duplicates = [problem for _, problem in sorted(loader.duplicates, key=lambda d: d[0])]
+    if duplicates:
+        lines = "\n".join(f"  - {p}" for p in duplicates)
+        raise RecipeError(f"{where}: {len(duplicates)} key(s) written twice\n{lines}",
+                          hint="delete the copy you do not mean; YAML would silently keep the last",
+                          problems=duplicates)
+    return tree
+
+
 # ------------------------------------------------------------------------------------- overrides
 def parse_override(item: str) -> tuple[list[str], Any]:
     """`train.lr=1e-4` -> (["train", "lr"], 0.0001); the value is parsed as YAML."""
@@ -51,7 +115,7 @@ def parse_override(item: str) -> tuple[list[str], Any]:
             hint="write dotted keys, e.g. train.lr=1e-4 or data.train.0.annotations=train.json",
         )
     try:
-        parsed = yaml.safe_load(value) if value != "" else None
+        parsed = load_yaml(value, f"override {item!r}") if value != "" else None
     except yaml.YAMLError as err:
         raise RecipeError(f"override {item!r}: value is not valid YAML ({err.problem})") from None
     # YAML 1.1 reads 1e-4 as a string; users mean a number.
@@ -101,7 +165,7 @@ def read_recipe(path: Path | str, overrides: Iterable[str] = ()) -> RawRecipe:
     if not path.is_file():
         raise RecipeError(f"recipe {path} does not exist", hint="give the path of a .yaml recipe, e.g. recipes/quickstart/tiny-2d.yaml")
     try:
-        tree = yaml.safe_load(path.read_text(encoding="utf-8"))
+        tree = load_yaml(path.read_text(encoding="utf-8"), str(path))
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -164,14 +228,55 @@ def _walk(loc: tuple) -> tuple[list[str], list[type[BaseModel]]]:
     return keys, parents
 
 
+# What other trainers (HF Trainer, LLaVA, LLaMA-Factory, torchtune, Lightning) call medmvl's keys.
+KEY_ALIASES: dict[str, str] = {
+    **dict.fromkeys(("learning_rate",), "train.lr"),
+    **dict.fromkeys(("num_epochs", "num_train_epochs", "n_epochs", "max_epochs"), "train.epochs"),
+    **dict.fromkeys(("per_device_train_batch_size", "train_batch_size", "micro_batch_size",
+                     "batch_size_per_device"), "train.batch_size"),
+    **dict.fromkeys(("gradient_accumulation_steps", "accumulate_grad_batches"), "train.grad_accum"),
+    **dict.fromkeys(("lr_scheduler_type", "scheduler"), "train.lr_scheduler"),
+    **dict.fromkeys(("warmup_steps",), "train.warmup_ratio"),
+    **dict.fromkeys(("gradient_clipping", "clip_grad_norm", "gradient_clip_val"), "train.max_grad_norm"),
+    **dict.fromkeys(("enable_activation_checkpointing",), "train.gradient_checkpointing"),
+    **dict.fromkeys(("model_max_length", "max_seq_length", "max_seq_len", "cutoff_len"), "model.llm.max_length"),
+    **dict.fromkeys(("model_name_or_path",), "model.llm.path"),
+    **dict.fromkeys(("bf16", "fp16", "torch_dtype"), "model.llm.dtype"),
+    **dict.fromkeys(("lora_r", "lora_rank"), "lora.r"),
+    **dict.fromkeys(("lora_alpha",), "lora.alpha"),
+    **dict.fromkeys(("lora_dropout",), "lora.dropout"),
+    **dict.fromkeys(("lora_target", "lora_target_modules"), "lora.target_modules"),
+    **dict.fromkeys(("dataloader_num_workers",), "data.num_workers"),
+    **dict.fromkeys(("group_by_modality_length",), "data.group_by_length"),
+    **dict.fromkeys(("data_path",), "data.train.N.annotations"),
+    **dict.fromkeys(("image_folder",), "data.train.N.image_root"),
+}
+
+
+def _moved_key(name: str, path: str) -> Optional[str]:
+    """Where medmvl keeps a key written under another name or in another section, if known."""
+    from medmvl_cli.config.reference import key_paths
+
+    if name in KEY_ALIASES:
+        return KEY_ALIASES[name]
+    homes = [p for p in key_paths() if p.rsplit(".", 1)[-1] == name and p != path]
+    return homes[0] if len(homes) == 1 else None
+
+
 def _problem_from_error(err: dict) -> Problem:
     keys, parents = _walk(tuple(err["loc"]))
     path = ".".join(keys)
     kind = err["type"]
     if kind == "extra_forbidden":
         known = sorted({name for model in parents for name in model.model_fields})
+        moved = _moved_key(keys[-1], path)
         close = difflib.get_close_matches(keys[-1], known, n=1, cutoff=0.6)
-        hint = f"did you mean {close[0]!r}?" if close else f"known keys here: {', '.join(known)}"
+        if moved is not None:
+            hint = f"did you mean {moved}?"
+        elif close:
+            hint = f"did you mean {close[0]!r}?"
+        else:
+            hint = f"known keys here: {', '.join(known)}"
         return Problem(path, "unknown key", hint)
     if kind == "missing" and keys[-1].isdigit():
         return Problem(".".join(keys[:-1]), "has too few values")

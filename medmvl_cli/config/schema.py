@@ -12,6 +12,7 @@ from typing import Annotated, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from medmvl_cli.config.limits import DEFAULT_MAX_PIXELS, DEFAULT_MAX_VOXELS
 from medmvl_cli.config.trackers import NO_TRACKER, TRACKERS
 
 Stage = Literal["pretrain", "finetune", "lora"]
@@ -330,6 +331,16 @@ class DataConfig(Section):
     )
     skip_bad_records: bool = Field(
         False, description="Skip (and count) records whose files fail to load at train time instead of stopping."
+    )
+    max_voxels: int = Field(
+        DEFAULT_MAX_VOXELS, gt=0,
+        description="Largest volume read, in voxels declared by the file's header (checked before decoding; "
+        "default 512 x 512 x 2048). Training, `data cache` and `data validate --recipe` refuse larger files.",
+    )
+    max_pixels: int = Field(
+        DEFAULT_MAX_PIXELS, gt=0,
+        description="Largest 2D image read, in pixels declared by its header (checked before decoding; "
+        "default PIL's decompression-bomb limit, 89,478,485).",
     )
 
 

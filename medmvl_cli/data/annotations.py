@@ -170,14 +170,14 @@ def detect_format(path: Path | str) -> FileFormat:
     if text[0] == "[":
         return "json"
     if text[0] == "{":
-        first = text.split("\n", 1)[0].strip()
+        first = _first_line(path)
         try:
             json.loads(first)
-        except json.JSONDecodeError:
+        except (json.JSONDecodeError, RecursionError):  # the line-by-line reader reports it
             # One pretty-printed object rather than one record a line?
             try:
                 whole = json.loads(path.read_text(encoding="utf-8-sig"))
-            except (json.JSONDecodeError, UnicodeDecodeError):
+            except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
                 whole = None
             if isinstance(whole, dict):
                 raise DataError(
@@ -191,11 +191,41 @@ def detect_format(path: Path | str) -> FileFormat:
     )
 
 
+# json's decoder recurses once per nesting level: past about a thousand it raises RecursionError.
+_TOO_DEEP = "nested too deeply (about a thousand levels or more) for the JSON parser"
+
+
+def _first_line(path: Path) -> str:
+    """The first non-blank line, whole: one JSONL record may be longer than any fixed head."""
+    with open(path, "rb") as fh:
+        for raw in fh:
+            line = raw.decode("utf-8-sig", errors="replace").strip()
+            if line:
+                return line
+    return ""
+
+
+def _not_json(err: Exception) -> str:
+    """Why a JSONL line did not decode, for its RawRecord."""
+    return _TOO_DEEP if isinstance(err, RecursionError) else getattr(err, "msg", str(err))
+
+
 def _json_error(path: Path, text: str, err: json.JSONDecodeError) -> DataError:
     return DataError(
         f"{path}: not valid JSON at line {err.lineno}, column {err.colno} ({err.msg})",
         hint="fix the JSON syntax there (a missing comma or bracket is typical)",
     )
+
+
+def _decode_record(decoder: json.JSONDecoder, text: str, pos: int, source: Source) -> tuple[Any, int]:
+    """One record of a JSON list; a record nested too deeply to decode stops the file, named."""
+    try:
+        return decoder.raw_decode(text, pos)
+    except RecursionError:
+        raise DataError(
+            f"{source.describe()}: {_TOO_DEEP}",
+            hint="fix or remove that record (no annotation needs more than a few levels of nesting)",
+        ) from None
 
 
 class AnnotationFile:
@@ -236,8 +266,8 @@ class AnnotationFile:
                 index += 1
                 try:
                     yield RawRecord(json.loads(stripped.decode("utf-8")), source)
-                except (json.JSONDecodeError, UnicodeDecodeError) as err:
-                    yield RawRecord(None, source, error=f"line {lineno} is not valid JSON ({getattr(err, 'msg', err)})")
+                except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as err:
+                    yield RawRecord(None, source, error=f"line {lineno} is not valid JSON ({_not_json(err)})")
         self._offsets = offsets
 
     def _load_text(self) -> str:
@@ -257,9 +287,9 @@ class AnnotationFile:
                 pos = _WS.match(text, pos + 1).end()
             else:
                 while True:
-                    data, end = decoder.raw_decode(text, pos)
                     line += text.count("\n", counted, pos)
                     counted = pos
+                    data, end = _decode_record(decoder, text, pos, Source(name, len(offsets), line))
                     offsets.append((pos, end, line))
                     yield RawRecord(data, Source(name, len(offsets) - 1, line))
                     pos = _WS.match(text, end).end()
@@ -315,8 +345,8 @@ class AnnotationFile:
             raw = raw[3:]
         try:
             return RawRecord(json.loads(raw.decode("utf-8")), source)
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            return RawRecord(None, source, error=f"line {line} is not valid JSON ({getattr(err, 'msg', err)})")
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as err:
+            return RawRecord(None, source, error=f"line {line} is not valid JSON ({_not_json(err)})")
 
     def records(self) -> Iterator[Record]:
         """Every record parsed and checked (`parse_record`); raises DataError on the first bad one."""
@@ -490,13 +520,18 @@ def read_records(path: Path | str, *, require_answer: Optional[bool] = None) -> 
 PathProblem = Literal["absolute_path", "escapes_root"]
 
 
-def path_problem(path: str) -> Optional[tuple[PathProblem, str]]:
-    """Why a path breaks `--strict-paths` (absolute, or climbing out of its root with ..), or None."""
+def path_problem(path: str, root: Optional[Union[str, Path]] = None) -> Optional[tuple[PathProblem, str]]:
+    """Why a path breaks `--strict-paths`, or None: absolute, climbing out of its root with `..`,
+    or (given `root`) leading out of it through a symlink, which is resolved without being opened."""
     if os.path.isabs(path) or path.startswith("~"):
         return "absolute_path", f"{path!r} is absolute; strict paths must be relative to the root"
     norm = os.path.normpath(path)
     if norm == ".." or norm.startswith(".." + os.sep):
         return "escapes_root", f"{path!r} climbs out of its root folder"
+    if root is not None:
+        base = Path(root).resolve()
+        if not (base / path).resolve().is_relative_to(base):
+            return "escapes_root", f"{path!r} is a symlink (or lies in a linked folder) leading out of its root folder"
     return None
 
 
@@ -505,10 +540,11 @@ def resolve_media_path(
 ) -> Path:
     """The file a record's path names: relative paths against `root`, absolute ones as they are.
 
-    With `strict`, absolute paths and paths escaping `root` raise DataError (named by `where`).
+    With `strict`, absolute paths and paths escaping `root` (by `..` or a symlink) raise DataError
+    (named by `where`).
     """
     if strict:
-        problem = path_problem(path)
+        problem = path_problem(path, root)
         if problem is not None:
             raise DataError(
                 f"{where + ': ' if where else ''}{problem[1]}",

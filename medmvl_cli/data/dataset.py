@@ -17,6 +17,7 @@ import torch
 
 from medmvl_cli.data.annotations import default_root, read_records, resolve_media_path
 from medmvl_cli.data.encoding import EncodedRecord, encode_records
+from medmvl_cli.data.limits import TooLargeError
 from medmvl_cli.data.media import MediaLoader
 from medmvl_cli.errors import DataError
 
@@ -99,9 +100,11 @@ class LVLMDataset(torch.utils.data.Dataset):
             if self.skip_bad_records:
                 logger.warning("skipping record %r (%s): %s", record.id, record.source.describe(), err.message)
                 return {SKIPPED: record.id}
+            fix = ("if the file is genuine, raise data.max_voxels / data.max_pixels in the recipe; else remove "
+                   "the record" if isinstance(err, TooLargeError) else "fix or remove the record")
             raise DataError(
                 f"{record.source.describe(record.id)}: {err.message}",
-                hint="fix or remove the record (`medmvl data validate` lists every bad file), "
+                hint=f"{fix} (`medmvl data validate` lists every bad file), "
                      "or set data.skip_bad_records=true to skip such records and count them",
             ) from None
         return {

@@ -3,7 +3,9 @@
 A sequence leaves here at its final length (image placeholders expanded to the token count of the
 model's encoder + connector), so the collator only pads. Over-long samples are never cut silently:
 they are dropped and counted by id, or, with `truncate_answers`, only the answer tail is cut, and
-never through image tokens or down to no trained token at all.
+never through image tokens or down to no trained token at all. A turn whose character count alone
+rules it out (`limits.turn_char_limit`) is dropped before the tokenizer sees it: tokenising a 50 MB
+line would take gigabytes.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Iterable, Optional
 
 from medmvl_cli.data.annotations import IMAGE_PLACEHOLDER, VOLUME_PLACEHOLDER, Record
+from medmvl_cli.data.limits import overlong_reason, overlong_turn
 from medmvl_cli.data.templates import ChatTemplate, Encoded
 
 logger = logging.getLogger(__name__)
@@ -94,6 +97,9 @@ def encode_records(
         messages = record.messages()
         if complete_with_answer and record.ends_on_user and record.answer:
             messages.append({"role": "assistant", "content": record.answer})
+        if overlong_turn((m["content"] for m in messages), max_length) is not None:
+            report.drop(overlong_reason(max_length), record.id)
+            continue
         encoded = template.encode(tokenizer, messages, placeholder_lengths)
         report.lengths.append(len(encoded.input_ids))
         fitted, reason = fit_to_length(encoded, max_length, placeholder_ids, truncate_answers)

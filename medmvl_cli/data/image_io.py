@@ -4,7 +4,8 @@ PNG / JPEG / BMP / TIFF go through PIL; single-frame DICOM through pydicom, with
 rescale (slope / intercept) applied, a window taken from the ``window=(low, high)`` argument or
 else the header's first WindowCenter / WindowWidth (else the image's min / max), and MONOCHROME1
 inverted so that bright means dense as in MONOCHROME2. Multi-frame DICOM, multi-page TIFF, 3D
-arrays and volume files are volumes: they raise ``DataError`` saying so.
+arrays and volume files are volumes: they raise ``DataError`` saying so. A file whose header
+declares more than ``max_pixels`` pixels is refused before decoding (``limits.TooLargeError``).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from medmvl_cli.data.limits import DEFAULT_MAX_PIXELS, check_dicom_pixels, open_image
 from medmvl_cli.errors import DataError
 
 logger = logging.getLogger(__name__)
@@ -30,12 +32,14 @@ _VOLUME_HINT = "List volumes under `image3d` (and `<image3d>` in the conversatio
 Window = tuple[float, float]
 
 
-def read_image(source: str | Path | np.ndarray | Image.Image, window: Window | None = None) -> Image.Image:
+def read_image(source: str | Path | np.ndarray | Image.Image, window: Window | None = None,
+               max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
     """An RGB ``PIL.Image`` from a file path, a 2-D / H×W×3 array or a PIL image.
 
     ``window=(low, high)`` maps that value range (in rescaled units, e.g. HU) to black..white
     for grayscale inputs; without it DICOM uses its header window, other images their range
-    (16-bit / float) or their 8-bit values as they are.
+    (16-bit / float) or their 8-bit values as they are. Files declaring more than
+    ``max_pixels`` pixels raise ``limits.TooLargeError`` before they are decoded.
     """
     if window is not None and not float(window[0]) < float(window[1]):
         raise ValueError(f"window must be (low, high) with low < high, got {window!r}")
@@ -52,8 +56,8 @@ def read_image(source: str | Path | np.ndarray | Image.Image, window: Window | N
     if path.name.lower().endswith(_VOLUME_SUFFIXES):
         raise DataError(f"{path}: is a 3D volume format, not a 2D image.", hint=_VOLUME_HINT)
     if path.suffix.lower() in _DICOM_SUFFIXES or (path.suffix.lower() not in IMAGE_SUFFIXES and _is_dicom(path)):
-        return _read_dicom(path, window)
-    return _read_pil(path, window)
+        return _read_dicom(path, window, max_pixels)
+    return _read_pil(path, window, max_pixels)
 
 
 load_image = read_image  # the same function under the name HF's image utilities use
@@ -68,9 +72,9 @@ def _is_dicom(path: Path) -> bool:
         return False
 
 
-def _read_pil(path: Path, window: Window | None) -> Image.Image:
+def _read_pil(path: Path, window: Window | None, max_pixels: int) -> Image.Image:
     try:
-        with Image.open(path) as img:
+        with open_image(path, max_pixels) as img:
             if getattr(img, "n_frames", 1) > 1:
                 raise DataError(
                     f"{path}: holds {img.n_frames} frames (a stack of slices is a 3D volume), not one 2D image.",
@@ -117,7 +121,7 @@ def _window_to_uint8(values: np.ndarray, window: Window | None) -> np.ndarray:
     return np.rint(np.clip(scaled, 0.0, 255.0)).astype(np.uint8)
 
 
-def _read_dicom(path: Path, window: Window | None) -> Image.Image:
+def _read_dicom(path: Path, window: Window | None, max_pixels: int) -> Image.Image:
     import pydicom
     from pydicom.pixels import apply_color_lut, apply_rescale
 
@@ -132,6 +136,7 @@ def _read_dicom(path: Path, window: Window | None) -> Image.Image:
     if frames > 1:
         raise DataError(f"{path}: is a multi-frame DICOM ({frames} frames), a 3D volume rather than a 2D image.",
                         hint=_VOLUME_HINT + " Convert it to NIfTI (e.g. dcm2niix) to use it as a volume.")
+    check_dicom_pixels(path, ds, max_pixels)
     try:
         pixels = ds.pixel_array
     except Exception as err:

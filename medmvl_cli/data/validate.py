@@ -2,8 +2,10 @@
 
 One pass over the records checks structure, turn order, answers and placeholder counts, ids and
 paths; the image / volume files are checked once each, in a thread pool, while the pass goes on.
-Volumes get a header-level check (shape, dtype) and are decoded in full only where their values
-can be NaN / Inf (floating point data) or when `full_decode` asks for it. Nothing is written.
+Volumes get a header-level check (shape, dtype, the `max_voxels` limit) and are decoded in full
+only where their values can be NaN / Inf (floating point data) or when `full_decode` asks for it;
+images are opened lazily and checked against `max_pixels` before they are decoded. A path flagged
+by `strict_paths` is not opened at all. Nothing is written.
 
 With a recipe, each record is also tokenised with the recipe's chat template, image placeholders
 expanded to the model's token counts, to report sequence lengths against `model.llm.max_length`.
@@ -32,6 +34,17 @@ from medmvl_cli.data.annotations import (
     resolve_media_path,
     schema_problems,
 )
+from medmvl_cli.data.limits import (
+    DEFAULT_MAX_PIXELS,
+    DEFAULT_MAX_VOXELS,
+    TooLargeError,
+    check_dicom_pixels,
+    checked_volume_header,
+    dicom_frames,
+    open_image,
+    overlong_turn,
+    volume_header,
+)
 from medmvl_cli.errors import DataError, MedmvlError, ModelError
 
 log = logging.getLogger(__name__)
@@ -48,11 +61,13 @@ PROBLEM_KINDS: dict[str, str] = {
     "placeholder": "<image> / <image3d> counts that differ from the `image` / `image3d` lists",
     "duplicate_id": "an id used by an earlier record",
     "absolute_path": "an absolute path (with --strict-paths)",
-    "escapes_root": "a path climbing out of its root with .. (with --strict-paths)",
+    "escapes_root": "a path climbing out of its root with .., or a symlink leading out of it (with --strict-paths)",
     "missing_file": "an image or volume that does not exist",
     "unreadable": "a file that does not decode",
     "dimensionality": "a 2-D image given as a volume, or a volume given as an image",
     "nonfinite": "NaN or Inf values in a volume",
+    "too_large": "a file whose header declares more voxels / pixels than --max-voxels / --max-pixels (not decoded)",
+    "too_long": "a turn too long to tokenise for model.llm.max_length (characters, checked before tokenising)",
     "template": "a record the recipe's chat template cannot encode",
 }
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".dcm", ".dicom")
@@ -176,41 +191,17 @@ def _shape_issue(shape: tuple[int, ...], fmt: str) -> Optional[str]:
     return None
 
 
-@dataclass
-class _VolumeHeader:
-    fmt: str
-    shape: tuple[int, ...]
-    floating: bool
-    load: Callable[[], np.ndarray]  # full decode of the raw values
-
-
-def _volume_header(path: Path) -> _VolumeHeader:
-    """Shape and dtype from the header alone where the format allows it; raises on a broken file."""
-    suffix = _suffix(path)
-    if suffix == ".npy":
-        array = np.load(path, mmap_mode="r", allow_pickle=False)
-        return _VolumeHeader("npy", array.shape, array.dtype.kind in "fc", lambda: array)
-    if suffix in (".nii", ".nii.gz"):
+def _raw_values(path: Path, fmt: str) -> np.ndarray:
+    """The stored values of a volume file, for the NaN / Inf scan (memory-mapped where possible)."""
+    if fmt == "npy":
+        return np.load(path, mmap_mode="r", allow_pickle=False)
+    if fmt == "nifti":
         import nibabel as nib
 
-        img = nib.load(str(path))
-        slope, inter = getattr(img.dataobj, "slope", 1.0), getattr(img.dataobj, "inter", 0.0)
-        floating = img.get_data_dtype().kind in "fc" or not np.isfinite([slope, inter]).all()
-        return _VolumeHeader("nifti", img.shape, floating, lambda: np.asanyarray(img.dataobj))
-    if suffix in (".nrrd", ".mha", ".mhd"):
-        import SimpleITK as sitk
+        return np.asanyarray(nib.load(str(path)).dataobj)
+    import SimpleITK as sitk
 
-        reader = sitk.ImageFileReader()
-        reader.SetFileName(str(path))
-        reader.ReadImageInformation()
-        if reader.GetNumberOfComponents() != 1:
-            raise DataError(f"{reader.GetNumberOfComponents()} components per voxel, not one intensity")
-        floating = "float" in sitk.GetPixelIDValueAsString(reader.GetPixelID())
-        return _VolumeHeader(
-            "itk", tuple(reversed(reader.GetSize())), floating,
-            lambda: sitk.GetArrayViewFromImage(sitk.ReadImage(str(path))),
-        )
-    raise DataError(f"unsupported volume format {suffix or '(no suffix)'}")
+    return sitk.GetArrayViewFromImage(sitk.ReadImage(str(path)))
 
 
 def _dicom_folder_issue(path: Path) -> Optional[Issue]:
@@ -230,12 +221,11 @@ def _dicom_folder_issue(path: Path) -> Optional[Issue]:
 def _dicom_frames(path: Path) -> int:
     import pydicom
 
-    ds = pydicom.dcmread(str(path), stop_before_pixels=True)
-    return int(ds.get("NumberOfFrames", 1) or 1)
+    return dicom_frames(pydicom.dcmread(str(path), stop_before_pixels=True))
 
 
-def check_volume_file(path: Path, *, full_decode: bool = False) -> list[Issue]:
-    """Problems of one `image3d` file or DICOM folder (existence, format, shape, NaN / Inf)."""
+def check_volume_file(path: Path, *, full_decode: bool = False, max_voxels: int = DEFAULT_MAX_VOXELS) -> list[Issue]:
+    """Problems of one `image3d` file or DICOM folder (existence, format, shape, size, NaN / Inf)."""
     if not path.exists():
         return [Issue("missing_file", f"volume not found: {path}")]
     try:
@@ -244,13 +234,14 @@ def check_volume_file(path: Path, *, full_decode: bool = False) -> list[Issue]:
             issue = _dicom_folder_issue(path)
             if issue is not None:
                 return [issue]
+            checked_volume_header(path, max_voxels)
         elif suffix in VOLUME_SUFFIXES:
-            header = _volume_header(path)
+            header = checked_volume_header(path, max_voxels)
             problem = _shape_issue(header.shape, header.fmt)
             if problem is not None:
                 return [Issue("dimensionality", f"{path}: {problem}")]
             if header.floating:
-                issue = _nonfinite_issue(header.load())
+                issue = _nonfinite_issue(_raw_values(path, header.fmt))
                 if issue is not None:
                     return [Issue("nonfinite", f"{path}: {issue.message}")]
         elif _is_dicom(path):
@@ -266,26 +257,33 @@ def check_volume_file(path: Path, *, full_decode: bool = False) -> list[Issue]:
         if full_decode:
             from medmvl_cli.data.volume_io import read_volume
 
-            read_volume(path)
+            read_volume(path, max_voxels)
+    except TooLargeError as err:
+        return [Issue(TooLargeError.kind, err.message)]
     except MedmvlError as err:
-        return [Issue("unreadable", f"{path}: {err.message}")]
+        return [Issue("unreadable", _naming(path, err.message))]
     except Exception as err:  # every reader has its own exceptions for a broken file
         return [Issue("unreadable", f"{path}: {type(err).__name__}: {err}")]
     return []
 
 
-def _is_image(path: Path) -> bool:
-    from PIL import Image
+def _naming(path: Path, message: str) -> str:
+    """A reader's message, with the file named once (the readers name it themselves)."""
+    return message if message.startswith(str(path)) else f"{path}: {message}"
 
+
+def _is_image(path: Path) -> bool:
     try:
-        with Image.open(path):
+        with open_image(path):
             return True
+    except TooLargeError:
+        return True
     except Exception:
         return False
 
 
-def check_image_file(path: Path) -> list[Issue]:
-    """Problems of one `image` file (existence, a volume in disguise, multi-frame, decoding).
+def check_image_file(path: Path, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> list[Issue]:
+    """Problems of one `image` file (existence, a volume in disguise, multi-frame, size, decoding).
 
     Decodes with PIL / pydicom directly: image_io pulls in torch and MONAI, seconds of import.
     """
@@ -296,7 +294,7 @@ def check_image_file(path: Path) -> list[Issue]:
             return [Issue("dimensionality", f"{path} is a folder (a DICOM series?): {_AS_IMAGE}")]
         suffix = _suffix(path)
         if suffix in VOLUME_SUFFIXES:
-            shape = tuple(_volume_header(path).shape)
+            shape = volume_header(path).shape
             if len([d for d in shape if d > 1]) >= 3:
                 return [Issue("dimensionality", f"{path} holds an array of shape {shape}: {_AS_IMAGE}")]
             return [Issue("unreadable", f"{path}: {suffix} is not an image format (use PNG, JPEG, BMP, TIFF or DICOM)")]
@@ -307,17 +305,18 @@ def check_image_file(path: Path) -> list[Issue]:
             frames = int(ds.get("NumberOfFrames", 1) or 1)
             if frames > 1:
                 return [Issue("dimensionality", f"{path} is a multi-frame DICOM ({frames} frames): {_AS_IMAGE}")]
+            check_dicom_pixels(path, ds, max_pixels)
             ds.pixel_array
             return []
-        from PIL import Image
-
-        with Image.open(path) as img:
+        with open_image(path, max_pixels) as img:
             frames = getattr(img, "n_frames", 1)
             if frames > 1:
                 return [Issue("dimensionality", f"{path} has {frames} frames: {_AS_IMAGE}")]
             img.load()
+    except TooLargeError as err:
+        return [Issue(TooLargeError.kind, err.message)]
     except MedmvlError as err:
-        return [Issue("unreadable", f"{path}: {err.message}")]
+        return [Issue("unreadable", _naming(path, err.message))]
     except Exception as err:
         return [Issue("unreadable", f"{path}: {type(err).__name__}: {err}")]
     return []
@@ -428,6 +427,46 @@ class _Collector:
         entry.problems.extend(issues)
 
 
+class _FileChecks:
+    """Each image / volume file checked once, in a thread pool, and which records name it."""
+
+    def __init__(self, workers: Optional[int], full_decode: bool, max_voxels: int, max_pixels: int):
+        self.pool = ThreadPoolExecutor(max_workers=workers or min(8, (os.cpu_count() or 1) + 2))
+        self.checks = {"image": (check_image_file, {"max_pixels": max_pixels}),
+                       "volume": (check_volume_file, {"full_decode": full_decode, "max_voxels": max_voxels})}
+        self.futures: dict[tuple[str, str], Future] = {}
+        self.refs: dict[tuple[str, str], list[int]] = {}
+        self.meta: dict[int, tuple[Optional[str], Optional[int]]] = {}
+
+    def submit(self, kind: str, path: Path, index: int, rid: Optional[str], line: Optional[int]) -> None:
+        key = (kind, str(path))
+        if key not in self.futures:
+            check, options = self.checks[kind]
+            self.futures[key] = self.pool.submit(check, path, **options)
+        users = self.refs.setdefault(key, [])
+        if not users or users[-1] != index:  # a file named twice is checked once
+            users.append(index)
+        self.meta[index] = (rid, line)
+
+    def collect(self, found: _Collector, progress: Optional[Callable[[int, int], None]]) -> None:
+        for done, (key, future) in enumerate(self.futures.items(), start=1):
+            issues = future.result()
+            for index in self.refs[key]:
+                rid, line = self.meta[index]
+                found.add(index, rid, line, issues)
+            if progress is not None:
+                progress(done, len(self.futures))
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _default_max_length() -> int:
+    from medmvl_cli.config.schema import LLMConfig
+
+    return LLMConfig.model_fields["max_length"].default
+
+
 def validate_annotations(
     annotations: Union[str, Path],
     image_root: Union[str, Path, None] = None,
@@ -440,13 +479,17 @@ def validate_annotations(
     full_decode: bool = False,
     recipe=None,
     progress: Optional[Callable[[int, int], None]] = None,
+    max_voxels: int = DEFAULT_MAX_VOXELS,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
 ) -> ValidationReport:
     """Check every record of `annotations` and every file they name; the input is only read.
 
     Relative paths resolve against `image_root` / `volume_root` (default: the annotation file's
     folder). `mode`: train (records must end on the gpt answer), infer (may end on a human turn),
     auto (infer when most records end on a human turn). `progress(done, total)` follows the file
-    checks. With `recipe`, lengths are measured with its template (see `LengthStats`).
+    checks. With `recipe`, lengths are measured with its template (see `LengthStats`), and turns
+    are held to its `model.llm.max_length` (else to the recipe default's). Files declaring more
+    than `max_voxels` / `max_pixels` are reported as `too_large` without being decoded.
     """
     path = Path(annotations)
     file = AnnotationFile(path)
@@ -454,14 +497,12 @@ def validate_annotations(
     notes = [f"{key}_root {root} is not a folder" for key, root in roots.items()
              if (image_root if key == "image" else volume_root) is not None and not root.is_dir()]
     probe = _LengthProbe(recipe) if recipe is not None else None
+    max_length = recipe.model.llm.max_length if recipe is not None else _default_max_length()
     found = _Collector()
     seen_ids: dict[str, tuple[int, Optional[int]]] = {}
     unanswered: list[tuple[int, Optional[str], Optional[int], list[Issue]]] = []
     ends_on_user = parsed = 0
-    refs: dict[tuple[str, str], list[int]] = {}
-    meta: dict[int, tuple[Optional[str], Optional[int]]] = {}
-    futures: dict[tuple[str, str], Future] = {}
-    pool = ThreadPoolExecutor(max_workers=workers or min(8, (os.cpu_count() or 1) + 2)) if check_files else None
+    files = _FileChecks(workers, full_decode, max_voxels, max_pixels) if check_files else None
     count = 0
     try:
         for raw in file:
@@ -479,6 +520,9 @@ def validate_annotations(
                 if late:
                     unanswered.append((src.index, rid, src.line, late))
                 issues += [i for i in conv if i.kind != "unanswered"]
+                overlong = overlong_turn((t.value for t in record.conversations), max_length)
+                if overlong is not None:
+                    issues.append(Issue("too_long", overlong))
                 if rid in seen_ids:
                     first, first_line = seen_ids[rid]
                     at = f"record {first}" + (f" (line {first_line})" if first_line else "")
@@ -487,20 +531,11 @@ def validate_annotations(
                     seen_ids[rid] = (src.index, src.line)
                 for kind, paths in (("image", record.images), ("volume", record.volumes)):
                     for written in paths:
-                        if strict_paths:
-                            problem = path_problem(written)
-                            if problem is not None:
-                                issues.append(Issue(problem[0], f"{kind} path {problem[1]}"))
-                        if pool is not None:
-                            key = (kind, str(resolve_media_path(written, roots[kind])))
-                            if key not in futures:
-                                check = check_image_file if kind == "image" else check_volume_file
-                                args = {} if kind == "image" else {"full_decode": full_decode}
-                                futures[key] = pool.submit(check, Path(key[1]), **args)
-                            users = refs.setdefault(key, [])
-                            if not users or users[-1] != src.index:  # a file named twice is checked once
-                                users.append(src.index)
-                            meta[src.index] = (rid, src.line)
+                        problem = path_problem(written, roots[kind]) if strict_paths else None
+                        if problem is not None:  # a flagged path is never opened
+                            issues.append(Issue(problem[0], f"{kind} path {problem[1]}"))
+                        elif files is not None:
+                            files.submit(kind, resolve_media_path(written, roots[kind]), src.index, rid, src.line)
                 if probe is not None and not issues:
                     length_issue = probe.measure(record)
                     if length_issue is not None:
@@ -512,18 +547,11 @@ def validate_annotations(
         if resolved_mode == "train":
             for index, rid, line, issues in unanswered:
                 found.add(index, rid, line, issues)
-        done = 0
-        for key, future in futures.items():
-            issues = future.result()
-            for index in refs[key]:
-                rid, line = meta[index]
-                found.add(index, rid, line, issues)
-            done += 1
-            if progress is not None:
-                progress(done, len(futures))
+        if files is not None:
+            files.collect(found, progress)
     finally:
-        if pool is not None:
-            pool.shutdown(wait=True, cancel_futures=True)
+        if files is not None:
+            files.close()
     problems = [found.by_index[i] for i in sorted(found.by_index)]
     totals: dict[str, int] = {}
     for entry in problems:
@@ -532,6 +560,7 @@ def validate_annotations(
     log.debug("validated %d records of %s: %d with problems", count, path, len(problems))
     return ValidationReport(
         file=str(path), format=file.format, mode=resolved_mode, records=count, problems=problems,
-        totals=dict(sorted(totals.items(), key=lambda kv: -kv[1])), files_checked=len(futures),
+        totals=dict(sorted(totals.items(), key=lambda kv: -kv[1])),
+        files_checked=len(files.futures) if files is not None else 0,
         notes=notes, lengths=probe.stats() if probe is not None else None,
     )

@@ -36,6 +36,7 @@ from typing import Any
 
 import torch
 
+from medmvl_cli.data.limits import DEFAULT_MAX_VOXELS
 from medmvl_cli.data.volume_io import source_files
 from medmvl_cli.data.volume_transforms import VolumeParams, load_volume
 from medmvl_cli.errors import DataError
@@ -121,11 +122,13 @@ def _checksum(tensor: torch.Tensor) -> str:
 
 class VolumeCache:
     """``VolumeCache(cache_dir).load(path, cfg)`` gives what ``load_volume(path, cfg)`` gives,
-    rounded to float16, reading it from ``cache_dir`` when a valid entry exists."""
+    rounded to float16, reading it from ``cache_dir`` when a valid entry exists. Sources whose
+    header declares more than ``max_voxels`` voxels are refused, as ``read_volume`` does."""
 
-    def __init__(self, cache_dir: str | Path):
+    def __init__(self, cache_dir: str | Path, max_voxels: int = DEFAULT_MAX_VOXELS):
         self.cache_dir = Path(cache_dir).expanduser()
         claim_cache_dir(self.cache_dir)
+        self.max_voxels = max_voxels
 
     def key(self, path: str | Path, cfg: Any) -> str:
         identity = json.dumps({"format": CACHE_FORMAT, "source": source_identity(path),
@@ -181,11 +184,11 @@ class VolumeCache:
 
         if workers <= 1 or total <= 1:
             for done, path in enumerate(unique, 1):
-                record(done, *_fill_one(str(self.cache_dir), path, params))
+                record(done, *_fill_one(str(self.cache_dir), path, params, self.max_voxels))
             return report
 
         with _pool(executor, min(workers, total)) as pool:
-            futures = [pool.submit(_fill_one, str(self.cache_dir), path, params) for path in unique]
+            futures = [pool.submit(_fill_one, str(self.cache_dir), path, params, self.max_voxels) for path in unique]
             for done, future in enumerate(as_completed(futures), 1):
                 record(done, *future.result())
         return report
@@ -198,7 +201,7 @@ class VolumeCache:
         cached = self._read(key, params)
         if cached is not None:
             return cached, False
-        volume = load_volume(path, params, train=False).to(CACHE_DTYPE)
+        volume = load_volume(path, params, train=False, max_voxels=self.max_voxels).to(CACHE_DTYPE)
         if self.key(path, params) == key:
             self._write(key, volume, path, params)
         else:  # the file changed while it was read: do not file the result under either key
@@ -269,10 +272,10 @@ def _init_worker(threads: int) -> None:
     torch.set_num_threads(threads)
 
 
-def _fill_one(cache_dir: str, path: str, params: VolumeParams) -> tuple[str, str, str]:
+def _fill_one(cache_dir: str, path: str, params: VolumeParams, max_voxels: int) -> tuple[str, str, str]:
     """One fill job (runs in a worker process): (path, "built" | "cached" | "failed", message)."""
     try:
-        _, built = VolumeCache(cache_dir)._ensure(path, params)
+        _, built = VolumeCache(cache_dir, max_voxels)._ensure(path, params)
     except DataError as err:
         return path, "failed", str(err)
     return path, "built" if built else "cached", ""

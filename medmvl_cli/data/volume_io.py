@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from monai.data import ImageReader, MetaTensor, NibabelReader, NumpyReader
 
+from medmvl_cli.data.limits import DEFAULT_MAX_VOXELS, checked_volume_header
 from medmvl_cli.errors import DataError
 
 logger = logging.getLogger(__name__)
@@ -90,11 +91,12 @@ def _mhd_data_file(path: Path) -> Path | None:
     return None
 
 
-def read_volume(path: str | Path) -> MetaTensor:
+def read_volume(path: str | Path, max_voxels: int = DEFAULT_MAX_VOXELS) -> MetaTensor:
     """Read one volume. Returns a channel-less float32 ``MetaTensor`` with a RAS ``affine``.
 
     Raises ``DataError`` naming the file for a missing or unreadable file, a 2-D or 4-D array,
-    a folder holding several DICOM series, and NaN / Inf values.
+    a folder holding several DICOM series, and NaN / Inf values; ``limits.TooLargeError`` when
+    the header declares more than ``max_voxels`` voxels (checked before decoding).
     """
     path = Path(path).expanduser()
     if not path.exists():
@@ -102,7 +104,7 @@ def read_volume(path: str | Path) -> MetaTensor:
             f"{path}: no such volume file or folder.",
             hint="Check `volume_root` and the `image3d` paths of the annotation file.",
         )
-    reader = VolumeReader()
+    reader = VolumeReader(max_voxels)
     array, meta = reader.get_data(reader.read(path))
     meta["affine"] = torch.as_tensor(meta["affine"], dtype=torch.float64)
     meta["filename_or_obj"] = str(path)
@@ -112,7 +114,12 @@ def read_volume(path: str | Path) -> MetaTensor:
 class VolumeReader(ImageReader):
     """A MONAI ``ImageReader`` for every 3D input medmvl accepts, so it also plugs into
     ``LoadImage(reader=VolumeReader())``. ``get_data`` gives a float32 array and MONAI's
-    meta keys (``affine`` in RAS, ``original_affine``, ``spatial_shape``, ``space``)."""
+    meta keys (``affine`` in RAS, ``original_affine``, ``spatial_shape``, ``space``).
+    A file whose header declares more than ``max_voxels`` voxels is refused before decoding."""
+
+    def __init__(self, max_voxels: int = DEFAULT_MAX_VOXELS):
+        super().__init__()
+        self.max_voxels = max_voxels
 
     def verify_suffix(self, filename: Sequence[str | Path] | str | Path) -> bool:
         names = [filename] if isinstance(filename, (str, Path)) else list(filename)
@@ -120,7 +127,7 @@ class VolumeReader(ImageReader):
 
     def read(self, data, **kwargs):
         names = [data] if isinstance(data, (str, Path)) else list(data)
-        loaded = [_read_any(Path(name)) for name in names]
+        loaded = [_read_any(Path(name), self.max_voxels) for name in names]
         return loaded[0] if len(loaded) == 1 else loaded
 
     def get_data(self, img) -> tuple[np.ndarray, dict]:
@@ -140,10 +147,11 @@ class VolumeReader(ImageReader):
         return array, meta
 
 
-def _read_any(path: Path) -> tuple[np.ndarray, np.ndarray, dict]:
+def _read_any(path: Path, max_voxels: int) -> tuple[np.ndarray, np.ndarray, dict]:
     fmt = volume_format(path)
     reader = {"npy": _read_npy, "nifti": _read_nifti, "itk": _read_itk, "dicom": _read_dicom_series}[fmt]
     try:
+        checked_volume_header(path, max_voxels)
         array, affine = reader(path)
     except DataError:
         raise

@@ -40,6 +40,7 @@ from monai.transforms import (
     Spacingd,
 )
 
+from medmvl_cli.data.limits import DEFAULT_MAX_VOXELS
 from medmvl_cli.data.volume_io import read_volume
 from medmvl_cli.errors import DataError, MedmvlError, RecipeError
 
@@ -155,12 +156,17 @@ def _triple(value: Any, name: str, kind: type) -> tuple:
 
 
 class LoadVolumed(MapTransform):
-    """Read the path under each key with ``read_volume`` (a channel-less RAS ``MetaTensor``)."""
+    """Read the path under each key with ``read_volume`` (a channel-less RAS ``MetaTensor``),
+    refusing files that declare more than ``max_voxels`` voxels."""
+
+    def __init__(self, keys, max_voxels: int = DEFAULT_MAX_VOXELS):
+        super().__init__(keys)
+        self.max_voxels = max_voxels
 
     def __call__(self, data: Mapping) -> dict:
         out = dict(data)
         for key in self.key_iterator(out):
-            out[key] = read_volume(out[key])
+            out[key] = read_volume(out[key], self.max_voxels)
         return out
 
 
@@ -170,23 +176,23 @@ def _foreground(img: torch.Tensor) -> torch.Tensor:
     return mask if bool(mask.any()) else torch.ones_like(mask)
 
 
-def build_volume_transform(cfg: Any, train: bool = False) -> Compose:
+def build_volume_transform(cfg: Any, train: bool = False, max_voxels: int = DEFAULT_MAX_VOXELS) -> Compose:
     """The MONAI pipeline for ``{"image": path}`` -> ``{"image": float32 tensor (1, D, H, W)}``.
 
     Random transforms are added only when ``train`` is true (and only those with a probability
     above 0). Call ``.set_random_state(seed)`` on the result for reproducible augmentation.
     """
     params = VolumeParams.from_config(cfg)
-    transforms = _eval_transforms(params)
+    transforms = _eval_transforms(params, max_voxels)
     if train:
         transforms += _augment_transforms(params)
     return Compose(transforms)
 
 
-def _eval_transforms(params: VolumeParams) -> list:
+def _eval_transforms(params: VolumeParams, max_voxels: int = DEFAULT_MAX_VOXELS) -> list:
     # Built per call (0.3 ms): no transform objects shared between threads.
     steps: list = [
-        LoadVolumed(KEY),
+        LoadVolumed(KEY, max_voxels),
         EnsureChannelFirstd(KEY, channel_dim="no_channel"),
         Orientationd(KEY, axcodes=params.axcodes, labels=_RAS_LABELS),
     ]
@@ -240,13 +246,14 @@ def augment_volume(volume: torch.Tensor, cfg: Any) -> torch.Tensor:
     return transform({KEY: volume})[KEY].contiguous()
 
 
-def load_volume(path: str | Path, cfg: Any, train: bool = False) -> torch.Tensor:
+def load_volume(path: str | Path, cfg: Any, train: bool = False, max_voxels: int = DEFAULT_MAX_VOXELS) -> torch.Tensor:
     """Read and preprocess one volume: a float32 tensor (1, D, H, W) with values in [0, 1]
-    (augmentation at train time may leave that range slightly). Raises ``DataError``."""
+    (augmentation at train time may leave that range slightly). Raises ``DataError`` (a
+    ``TooLargeError`` for a header declaring more than ``max_voxels`` voxels)."""
     params = VolumeParams.from_config(cfg)
     if params.spacing is not None and str(path).lower().endswith(".npy"):
         logger.debug("%s: .npy has no geometry; `spacing` resamples it as 1 mm voxels.", path)
-    volume = _run(Compose(_eval_transforms(params)), path)
+    volume = _run(Compose(_eval_transforms(params, max_voxels)), path)
     return augment_volume(volume, params) if train else volume
 
 

@@ -186,8 +186,10 @@ def _upload_label(branches: tuple[str, ...], max_bytes: int) -> str:
 
 def launch(predictor: Any, host: str = "127.0.0.1", port: int = 7860,
            max_upload_mb: float = DEFAULT_MAX_UPLOAD_MB, share: bool = False,
-           on_ready: Optional[Callable[[str, Optional[str]], None]] = None, block: bool = True):
+           on_ready: Optional[Callable[[str, Optional[str]], None]] = None, block: bool = True,
+           **limits: int):
     """Serve the page for a loaded ``Predictor``; calls ``on_ready(local_url, share_url)`` once it listens.
+    ``limits``: ``max_voxels`` / ``max_pixels`` for uploads (see data/limits.py).
 
     Returns the ``gr.Blocks`` (still serving) when ``block`` is false.
     """
@@ -195,7 +197,7 @@ def launch(predictor: Any, host: str = "127.0.0.1", port: int = 7860,
     logging.getLogger("httpx").setLevel(logging.WARNING)  # Gradio's own start-up requests
     tmp_root = Path(tempfile.mkdtemp(prefix="medmvl-demo-"))
     atexit.register(shutil.rmtree, tmp_root, ignore_errors=True)
-    handlers = DemoHandlers(predictor, max_upload_mb=max_upload_mb, tmp_root=tmp_root)
+    handlers = DemoHandlers(predictor, max_upload_mb=max_upload_mb, tmp_root=tmp_root, **limits)
     demo = build_demo(handlers)
     demo.queue(default_concurrency_limit=1)
     try:

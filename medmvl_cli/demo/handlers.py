@@ -20,6 +20,7 @@ from typing import Any, Optional
 
 from PIL import Image
 
+from medmvl_cli.data.limits import DEFAULT_MAX_PIXELS, DEFAULT_MAX_VOXELS
 from medmvl_cli.demo.model_info import ModelInfo, describe_model
 from medmvl_cli.demo.study import ACCEPTED, Study, UploadError, open_study
 from medmvl_cli.demo.viewer import PLANE_DIRECTION, PLANES, render_slice
@@ -117,10 +118,12 @@ class DemoHandlers:
     """The page's event handlers around one loaded ``Predictor`` (shared by every tab)."""
 
     def __init__(self, predictor: Any, max_upload_mb: float = DEFAULT_MAX_UPLOAD_MB,
-                 tmp_root: Optional[Path] = None):
+                 tmp_root: Optional[Path] = None, max_voxels: int = DEFAULT_MAX_VOXELS,
+                 max_pixels: int = DEFAULT_MAX_PIXELS):
         self.predictor = predictor
         self.info: ModelInfo = describe_model(predictor)
         self.max_upload_bytes = int(max_upload_mb * 2**20)
+        self.limits = {"max_voxels": max_voxels, "max_pixels": max_pixels}
         self.tmp_root = tmp_root
         # The page's queue runs one event at a time; the lock also covers an answer still being
         # generated for a tab that was closed, and callers outside Gradio.
@@ -150,7 +153,7 @@ class DemoHandlers:
         path = Path(file)
         try:
             study = open_study(path, self.info.branches, self.max_upload_bytes,
-                               image_window=self.info.image_window, tmp_root=self.tmp_root)
+                               image_window=self.info.image_window, tmp_root=self.tmp_root, **self.limits)
         except UploadError as err:
             logger.info("upload refused: %s", err.message)
             return UploadView(session, status=error_text(err.message, err.hint), ok=False)

@@ -19,6 +19,7 @@ from typing import Optional
 
 from PIL import Image
 
+from medmvl_cli.data.limits import DEFAULT_MAX_PIXELS, DEFAULT_MAX_VOXELS, TooLargeError
 from medmvl_cli.demo.viewer import DisplayVolume, to_display
 from medmvl_cli.errors import DataError, MedmvlError
 
@@ -28,6 +29,8 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".dcm", ".di
 VOLUME_SUFFIXES = (".npy", ".nii", ".nii.gz", ".nrrd", ".mha", ".mhd")
 ACCEPTED = ("2D images: PNG, JPEG, BMP, TIFF or a single DICOM slice. 3D volumes: NIfTI (.nii, .nii.gz), "
             "NRRD, MHA, .npy (HU, D×H×W), or a .zip of one DICOM series.")
+TOO_LARGE_HINT = ("Upload a downsampled copy, or restart the demo with a larger `--max-voxels` (volumes) / "
+                  "`--max-pixels` (images).")
 # A zip may unpack to more than it weighs; DICOM compresses 2-3x.
 UNZIPPED_FACTOR = 4
 KIND_WORDS = {"image": "a 2D image", "image3d": "a 3D volume"}
@@ -95,8 +98,10 @@ def _is_dicom(path: Path) -> bool:
 
 def open_study(path: str | Path, branches: tuple[str, ...], max_bytes: int,
                image_window: Optional[tuple[float, float]] = None, tmp_root: Optional[Path] = None,
-               name: Optional[str] = None) -> Study:
-    """Check an uploaded file against the size limit and the model's branches, then read it.
+               name: Optional[str] = None, max_voxels: int = DEFAULT_MAX_VOXELS,
+               max_pixels: int = DEFAULT_MAX_PIXELS) -> Study:
+    """Check an uploaded file against the size limits and the model's branches, then read it
+    (a volume over ``max_voxels`` / an image over ``max_pixels`` is refused from its header).
 
     ``branches`` holds ``image`` and / or ``image3d``. Raises ``UploadError`` with a message
     that names the file as the user knows it (``name``, default the file's own name).
@@ -121,9 +126,9 @@ def open_study(path: str | Path, branches: tuple[str, ...], max_bytes: int,
     workdir = Path(tempfile.mkdtemp(prefix="medmvl-demo-", dir=tmp_root)) if kind == "zip" else None
     try:
         if kind == "image":
-            return _open_image(path, name, image_window)
+            return _open_image(path, name, image_window, max_pixels)
         volume_path = path if workdir is None else _unzip_series(path, name, workdir, max_bytes * UNZIPPED_FACTOR)
-        return _open_volume(volume_path, name, workdir)
+        return _open_volume(volume_path, name, workdir, max_voxels)
     except BaseException as err:
         if workdir is not None:
             shutil.rmtree(workdir, ignore_errors=True)
@@ -133,7 +138,8 @@ def open_study(path: str | Path, branches: tuple[str, ...], max_bytes: int,
             for folder in (workdir, path.parent):
                 if folder is not None:
                     message = message.replace(str(folder) + "/", "").replace(str(folder), name)
-            raise UploadError(message, hint=ACCEPTED) from err
+            hint = TOO_LARGE_HINT if isinstance(err, TooLargeError) else ACCEPTED
+            raise UploadError(message, hint=hint) from err
         raise
 
 
@@ -155,16 +161,16 @@ def _wrong_branch_hint(branches: tuple[str, ...]) -> str:
             "on a model with a 2D branch (`medmvl demo --model RUN_DIR`).")
 
 
-def _open_image(path: Path, name: str, window: Optional[tuple[float, float]]) -> Study:
+def _open_image(path: Path, name: str, window: Optional[tuple[float, float]], max_pixels: int) -> Study:
     from medmvl_cli.data.image_io import read_image
 
-    return Study(kind="image", name=name, path=path, picture=read_image(path, window=window))
+    return Study(kind="image", name=name, path=path, picture=read_image(path, window=window, max_pixels=max_pixels))
 
 
-def _open_volume(path: Path, name: str, workdir: Optional[Path]) -> Study:
+def _open_volume(path: Path, name: str, workdir: Optional[Path], max_voxels: int) -> Study:
     from medmvl_cli.data.volume_io import read_volume
 
-    volume = read_volume(path)
+    volume = read_volume(path, max_voxels)
     display = to_display(volume.numpy(), volume.affine.numpy())
     return Study(kind="image3d", name=name, path=path, volume=display, workdir=workdir)
 

@@ -29,13 +29,15 @@ class GenerationEval:
         self.settings = GenerationSettings(max_new_tokens=recipe.train.eval_max_new_tokens)
         self.batch_size = recipe.train.batch_size
         self.name = Path(recipe.output_dir).name
+        self.max_voxels, self.max_pixels = recipe.data.max_voxels, recipe.data.max_pixels
 
     def __call__(self, model, rank: int = 0, world_size: int = 1) -> dict[str, float]:
         """{"eval_<metric>": value} for every metric the answers allow."""
         from medmvl_cli.inference.generate import Predictor
         from medmvl_cli.inference.predictions import answer_in_batches, order_for_batching
 
-        predictor = Predictor.for_model(model, self.tokenizer, self.image_processor, self.name)
+        predictor = Predictor.for_model(model, self.tokenizer, self.image_processor, self.name,
+                                        max_voxels=self.max_voxels, max_pixels=self.max_pixels)
         share, real = self._share(order_for_batching(self.questions, predictor.placeholder_lengths), rank, world_size)
         was_training = model.training
         model.eval()

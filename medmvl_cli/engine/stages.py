@@ -84,6 +84,7 @@ def build_datasets(recipe: Recipe, model, tokenizer, image_processor):
             image_window=recipe.model.image.window if recipe.model.image else None,
             volume_config=image3d.volume if image3d else None,
             cache_dir=recipe.data.cache_dir, train=train,
+            max_voxels=recipe.data.max_voxels, max_pixels=recipe.data.max_pixels,
         )
         return LVLMDataset.from_sources(
             _sources(specs), tokenizer, template, lengths, recipe.model.llm.max_length, media,

@@ -62,6 +62,9 @@ def _parse_line(path: Path, number: int, line: str) -> PredictionRow:
             hint=f"Each line must hold one JSON object. Fix or delete line {number} "
             "(a run stopped mid-write can leave a cut-off last line; `medmvl infer` resumes it).",
         ) from None
+    except RecursionError:  # json recurses once per nesting level
+        raise DataError(f"{where}: nested too deeply (about a thousand levels or more) for the JSON parser.",
+                        hint=f"Fix or delete line {number}: a prediction row is one flat JSON object.") from None
     if not isinstance(record, dict):
         raise DataError(
             f"{where}: expected a JSON object, found {type(record).__name__}.",

@@ -16,7 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
-from medmvl_cli.errors import RunError
+from medmvl_cli.data.limits import DEFAULT_MAX_PIXELS, DEFAULT_MAX_VOXELS, overlong_turn
+from medmvl_cli.errors import DataError, RunError
 
 logger = logging.getLogger(__name__)
 
@@ -110,10 +111,12 @@ class Predictor:
 
     A LoRA adapter is merged into the LLM at load (as LLaVA's loader does): the answers are the
     adapter's, decoding is as fast as the plain model's. `volumes_encoded` and `cache_hits` count
-    volume encoder runs and reuses of cached features.
+    volume encoder runs and reuses of cached features. Files are refused from their headers above
+    `max_voxels` / `max_pixels`, turns from their length above the model's max_length allows.
     """
 
-    def __init__(self, model_dir: Path, feature_cache_size: int = 64, device: Optional[str] = None):
+    def __init__(self, model_dir: Path, feature_cache_size: int = 64, device: Optional[str] = None,
+                 max_voxels: int = DEFAULT_MAX_VOXELS, max_pixels: int = DEFAULT_MAX_PIXELS):
         import torch
 
         from medmvl_cli.model.builder import load_model
@@ -121,18 +124,20 @@ class Predictor:
         self.model_dir = Path(model_dir)
         model, tokenizer, image_processor = load_model(self.model_dir, merge_lora=True)
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self._attach(model.to(device).eval(), tokenizer, image_processor, feature_cache_size)
+        self._attach(model.to(device).eval(), tokenizer, image_processor, feature_cache_size, max_voxels, max_pixels)
 
     @classmethod
-    def for_model(cls, model, tokenizer, image_processor, name: str, feature_cache_size: int = 64) -> "Predictor":
+    def for_model(cls, model, tokenizer, image_processor, name: str, feature_cache_size: int = 64,
+                  max_voxels: int = DEFAULT_MAX_VOXELS, max_pixels: int = DEFAULT_MAX_PIXELS) -> "Predictor":
         """A predictor over a model in memory, where it is (generation metrics while training);
         the caller sets train / eval mode."""
         predictor = cls.__new__(cls)
         predictor.model_dir = Path(name)
-        predictor._attach(model, tokenizer, image_processor, feature_cache_size)
+        predictor._attach(model, tokenizer, image_processor, feature_cache_size, max_voxels, max_pixels)
         return predictor
 
-    def _attach(self, model, tokenizer, image_processor, feature_cache_size: int) -> None:
+    def _attach(self, model, tokenizer, image_processor, feature_cache_size: int, max_voxels: int,
+                max_pixels: int) -> None:
         from medmvl_cli.config.schema import VolumeConfig
         from medmvl_cli.data.media import MediaLoader
         from medmvl_cli.data.templates import get_template
@@ -150,7 +155,7 @@ class Predictor:
             image_processor=image_processor,
             image_window=config.image.get("window") if config.image else None,
             volume_config=VolumeConfig.model_validate(config.image3d["volume"]) if config.image3d else None,
-            train=False,
+            train=False, max_voxels=max_voxels, max_pixels=max_pixels,
         )
         self.placeholder_lengths = placeholder_lengths(self.model)
         self._volume_features: OrderedDict = OrderedDict()
@@ -163,6 +168,13 @@ class Predictor:
         return self.model_dir.parent.name if self.model_dir.name == "model" else self.model_dir.name
 
     def prompt_ids(self, messages: list[dict]) -> list[int]:
+        """The prompt's token ids; a turn too long to tokenise for the model raises DataError first."""
+        texts = (m.get("content") for m in messages)
+        overlong = overlong_turn((t for t in texts if isinstance(t, str)), self.model.config.max_length)
+        if overlong is not None:
+            raise DataError(f"the question: {overlong}",
+                            hint="shorten the prompt; the model reads at most "
+                                 f"{self.model.config.max_length} tokens")
         return self.template.encode(self.tokenizer, messages, self.placeholder_lengths,
                                     add_generation_prompt=True).input_ids
 

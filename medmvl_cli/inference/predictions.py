@@ -101,7 +101,7 @@ def _read_rows(out: Path) -> list[dict]:
             row = json.loads(line)
             if not (isinstance(row, dict) and {"id", "prediction", "model"} <= row.keys()):
                 raise ValueError
-        except ValueError:
+        except (ValueError, RecursionError):  # RecursionError: JSON nested thousands deep
             raise _not_predictions(out, f" (line {number} is not a prediction row)") from None
         rows.append(row)
     if torn and not rows:
