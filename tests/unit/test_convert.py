@@ -256,3 +256,18 @@ def test_every_converter_is_documented():
     docs = (Path(__file__).resolve().parents[2] / "docs" / "datasets.md").read_text()
     for name in CONVERTERS:
         assert f"medmvl data convert {name} " in docs, name
+
+
+def test_ct_rate_header_rescale_must_agree_with_the_metadata(tmp_path):
+    import nibabel as nib
+
+    from medmvl_cli.data.convert.ct_rate import write_hu_volume
+
+    nib.save(nib.Nifti1Image(np.zeros((4, 4, 3), dtype=np.int16), np.eye(4)), str(tmp_path / "v.nii"))
+    raw = bytearray((tmp_path / "v.nii").read_bytes())
+    raw[112:120] = np.array([1.0, -1024.0], dtype="<f4").tobytes()  # scl_slope, scl_inter (nibabel resets them on save)
+    (tmp_path / "v.nii").write_bytes(bytes(raw))
+    assert not write_hu_volume(tmp_path / "v.nii", tmp_path / "a.nii.gz", 2.0, -8192.0, (1.0, 1.0, 1.0))
+    assert not (tmp_path / "a.nii.gz").exists()
+    assert write_hu_volume(tmp_path / "v.nii", tmp_path / "b.nii.gz", 1.0, -1024.0, (0.5, 0.5, 2.0))
+    assert np.asanyarray(nib.load(str(tmp_path / "b.nii.gz")).dataobj).max() == -1024

@@ -13,9 +13,10 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Iterator, Optional, Sequence
 
@@ -42,7 +43,6 @@ class ConvertOptions:
     question_column: Optional[str] = None
     answer_column: Optional[str] = None
     question_type_column: Optional[str] = None
-    extra: dict = field(default_factory=dict)
 
 
 def vqa_record(
@@ -88,7 +88,7 @@ def choice_question(question: str, choices: Sequence[str]) -> str:
 
 
 def text(value) -> str:
-    """A cell as stripped text; None / NaN-free readers give None for empty cells."""
+    """A cell (string, number or None) as stripped text; None becomes ""."""
     if value is None:
         return ""
     return str(value).strip()
@@ -171,3 +171,15 @@ def find_one(src: Path, patterns: Sequence[str], what: str, hint: str) -> Path:
         if found:
             return found[0]
     raise DataError(f"{src}: no {what} (looked for {', '.join(patterns)})", hint=hint)
+
+
+def load_json(path: Path, kind: type) -> list | dict:
+    """A published JSON file read whole (each is a few MB at most), checked to be a list / dict."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8-sig"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise DataError(f"{path}: not valid JSON ({err})", hint="re-download the file") from None
+    if not isinstance(data, kind):
+        raise DataError(f"{path}: expected a JSON {'list' if kind is list else 'object'} at the top",
+                        hint="give the dataset's own file, unchanged")
+    return data

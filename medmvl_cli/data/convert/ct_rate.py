@@ -10,7 +10,8 @@ Files read, per split (train / validation):
 The published NIfTI files hold the stored values without the DICOM rescale and with no reliable
 spacing, so each volume is rewritten once into `OUT/ct-rate-volumes/<same nested path>` as int16
 HU (stored x slope + intercept from the metadata) with the metadata's spacing in its affine
-(directions kept from the source header). A volume already there is not written again. Each
+(directions kept from the source header); a header rescale that disagrees with the metadata drops
+the volume. A volume already there is not written again. Each
 report becomes a report-generation record (`question_type` open): "Findings: ... Impression: ...".
 The VQA files some CT-RATE releases add are not read yet.
 """
@@ -63,8 +64,8 @@ def _record(row: dict, base: Path, media: Media, metadata: dict):
         return Dropped("no metadata row (rescale / spacing unknown)")
     rel = f"{VOLUME_DIR}/{nested}"
     out = media.out_dir / rel
-    if not out.exists():
-        write_hu_volume(base / nested, out, *meta)
+    if not out.exists() and not write_hu_volume(base / nested, out, *meta):
+        return Dropped("NIfTI header rescale differs from the metadata CSV's")
     report = "\n".join(part for part in (f"Findings: {findings}" if findings else "",
                                           f"Impression: {impression}" if impression else "") if part)
     return vqa_record(f"ct-rate-{name.removesuffix('.nii.gz')}", REPORT_PROMPT, report, "open", volumes=[rel])
@@ -91,13 +92,21 @@ def _metadata(path: Path) -> dict[str, tuple[float, float, tuple[float, float, f
     return out
 
 
-def write_hu_volume(source: Path, out: Path, slope: float, intercept: float, spacing: tuple[float, float, float]) -> None:
-    """Rewrite `source` as int16 HU with `spacing` (mm per array axis), atomically."""
+def write_hu_volume(source: Path, out: Path, slope: float, intercept: float, spacing: tuple[float, float, float]) -> bool:
+    """Rewrite `source` as int16 HU with `spacing` (mm per array axis), atomically.
+
+    The metadata's slope / intercept apply to the stored values. A header that carries a rescale
+    of its own must agree with them (False, nothing written, when it does not): applying both
+    would shift the volume twice."""
     import nibabel as nib
 
     img = nib.load(str(source))
-    stored = np.asarray(img.dataobj.get_unscaled(), dtype=np.float64)
-    hu = np.clip(np.rint(stored * slope + intercept), -32768, 32767).astype(np.int16)
+    # nibabel moves the header's scl_slope / scl_inter onto the data proxy when it loads
+    in_header = [float(getattr(img.dataobj, "slope", 1.0)), float(getattr(img.dataobj, "inter", 0.0))]
+    if not np.allclose(in_header, [1.0, 0.0]) and not np.allclose(in_header, [slope, intercept]):
+        return False
+    stored = np.asarray(img.dataobj.get_unscaled(), dtype=np.float32)
+    hu = np.clip(np.rint(stored * np.float32(slope) + np.float32(intercept)), -32768, 32767).astype(np.int16)
     directions = img.affine[:3, :3] / np.where(np.linalg.norm(img.affine[:3, :3], axis=0) > 0,
                                                np.linalg.norm(img.affine[:3, :3], axis=0), 1.0)
     affine = img.affine.copy()
@@ -114,3 +123,4 @@ def write_hu_volume(source: Path, out: Path, slope: float, intercept: float, spa
     finally:
         if tmp.exists():
             tmp.unlink()
+    return True

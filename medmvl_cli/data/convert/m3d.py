@@ -20,10 +20,9 @@ from pathlib import Path
 from typing import Iterator
 
 from medmvl_cli.data.convert.base import (
-    CHOICE_LETTERS, ConvertOptions, Dropped, Media, choice_question, find_one, text, vqa_record,
+    CHOICE_LETTERS, ConvertOptions, Dropped, Media, choice_question, find_one, load_json, text, vqa_record,
 )
 from medmvl_cli.data.convert.tables import csv_rows
-from medmvl_cli.errors import DataError
 
 VQA_FILES = {"train": "M3D_VQA_train.csv", "validation": "M3D_VQA_val.csv", "test": "M3D_VQA_test.csv",
              "test5k": "M3D_VQA_test5k.csv"}
@@ -71,20 +70,7 @@ def _vqa_pair(row: dict, rid: str, src: Path, root: str):
 # ------------------------------------------------------------------------------------- captions
 def _cap_index(src: Path) -> dict:
     path = find_one(src, (CAP_FILE, f"**/{CAP_FILE}"), CAP_FILE, "SRC is M3D's data root (holding M3D_Cap.json)")
-    return _load_json_object(path)
-
-
-def _load_json_object(path: Path) -> dict:
-    import json
-
-    try:
-        data = json.loads(path.read_text(encoding="utf-8-sig"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise DataError(f"{path}: not valid JSON ({err})", hint="re-download the file") from None
-    if not isinstance(data, dict):
-        raise DataError(f"{path}: expected an object of splits (train / validation / test)",
-                        hint="give M3D's own M3D_Cap.json")
-    return data
+    return load_json(path, dict)
 
 
 def cap_splits(src: Path, options: ConvertOptions) -> list[str]:

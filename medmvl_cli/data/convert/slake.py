@@ -13,8 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Iterator
 
-from medmvl_cli.data.convert.base import ConvertOptions, Dropped, Media, find_one, text, vqa_record
-from medmvl_cli.data.convert.vqa_rad import _load_json
+from medmvl_cli.data.convert.base import ConvertOptions, Dropped, Media, find_one, load_json, text, vqa_record
 
 NAME = "slake"
 FILES = {"train": ("train.json",), "validation": ("validate.json", "validation.json"), "test": ("test.json",)}
@@ -29,7 +28,7 @@ def rows(src: Path, split: str, media: Media, options: ConvertOptions) -> Iterat
     path = find_one(src, [p for n in FILES[split] for p in (n, f"*/{n}")], " or ".join(FILES[split]), hint)
     image_dir = find_one(path.parent, ("imgs",), "imgs/ folder", hint)
     root = media.link("slake-imgs", image_dir)
-    for item in _load_json(path):
+    for item in load_json(path, list):
         lang = text(item.get("q_lang")).lower()
         if options.lang != "all" and lang != options.lang:
             yield Dropped(f"q_lang {lang or 'missing'} (not --lang {options.lang})")

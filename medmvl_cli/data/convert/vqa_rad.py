@@ -12,13 +12,11 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Iterator
 
 from medmvl_cli.data.convert import hf_parquet
-from medmvl_cli.data.convert.base import ConvertOptions, Dropped, Media, find_one, text, vqa_record
-from medmvl_cli.errors import DataError
+from medmvl_cli.data.convert.base import ConvertOptions, Dropped, Media, find_one, load_json, text, vqa_record
 
 NAME = "vqa-rad"
 JSON_PATTERNS = ("VQA_RAD Dataset Public.json", "*/VQA_RAD Dataset Public.json")
@@ -37,7 +35,7 @@ def rows(src: Path, split: str, media: Media, options: ConvertOptions) -> Iterat
     if _is_parquet(src):
         yield from hf_parquet.rows(src, split, media, _PARQUET, prefix=NAME)
         return
-    questions = _load_json(find_one(src, JSON_PATTERNS, "VQA-RAD JSON", "download `VQA_RAD Dataset Public.json` from the OSF page"))
+    questions = load_json(find_one(src, JSON_PATTERNS, "VQA-RAD JSON", "download `VQA_RAD Dataset Public.json` from the OSF page"), list)
     image_dir = find_one(src, IMAGE_DIR_PATTERNS, "image folder", "unzip `VQA_RAD Image Folder` next to the JSON")
     root = media.link("vqa-rad-images", image_dir)
     for item in questions:
@@ -58,16 +56,6 @@ def _record(item: dict, image_dir: Path, root: str):
     if not image or not (image_dir / image).is_file():
         return Dropped("image missing")
     return vqa_record(f"{NAME}-{item.get('qid')}", question, answer, qtype, images=[f"{root}/{image}"])
-
-
-def _load_json(path: Path) -> list:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8-sig"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise DataError(f"{path}: not valid JSON ({err})", hint="re-download the file") from None
-    if not isinstance(data, list):
-        raise DataError(f"{path}: expected a JSON list of questions", hint="give the dataset's own JSON file")
-    return data
 
 
 def _is_parquet(src: Path) -> bool:
