@@ -271,3 +271,18 @@ def test_ct_rate_header_rescale_must_agree_with_the_metadata(tmp_path):
     assert not (tmp_path / "a.nii.gz").exists()
     assert write_hu_volume(tmp_path / "v.nii", tmp_path / "b.nii.gz", 1.0, -1024.0, (0.5, 0.5, 2.0))
     assert np.asanyarray(nib.load(str(tmp_path / "b.nii.gz")).dataobj).max() == -1024
+
+
+def test_hf_split_names_from_the_hub_layouts(tmp_path):
+    from medmvl_cli.data.convert.tables import table_shards
+
+    for rel in ("a/data/train-00000-of-00002-ab12.parquet", "a/data/train-00001-of-00002-cd34.parquet",
+                "a/default/validation/0000.parquet", "a/test_clean-00000-of-00001.parquet",
+                "b/data-00000-of-00001.arrow", "c/valid/data-00000-of-00001.arrow", "d.parquet"):
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).touch()
+    shards = table_shards(tmp_path / "a")
+    assert list(shards) == ["train", "validation", "test_clean"] and len(shards["train"]) == 2
+    assert list(table_shards(tmp_path / "b")) == ["train"]  # a single-split save_to_disk
+    assert list(table_shards(tmp_path / "c")) == ["validation"]
+    assert list(table_shards(tmp_path / "d.parquet")) == ["train"]

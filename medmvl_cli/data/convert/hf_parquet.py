@@ -28,9 +28,9 @@ def _columns(options: ConvertOptions) -> tuple[str, str, str, Optional[str]]:
 def splits(src: Path, options: ConvertOptions) -> list[str]:
     shards = table_shards(src)
     if not shards:
-        raise DataError(f"{src}: no parquet or arrow files of a train / validation / test split",
-                        hint="give the dataset folder (with data/<split>-*.parquet or <split>/*.arrow)")
-    return [s for s in ("train", "validation", "test") if s in shards]
+        raise DataError(f"{src}: no parquet or arrow files",
+                        hint="give the dataset folder (with data/<split>-*.parquet or <split>/*.arrow) or a parquet file")
+    return list(shards)
 
 
 def rows(src: Path, split: str, media: Media, options: ConvertOptions, prefix: str = NAME) -> Iterator:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import csv
 import re
 from pathlib import Path
-from typing import Iterator, Optional, Sequence
+from typing import Iterator, Sequence
 
 from medmvl_cli.errors import DataError
 
@@ -17,7 +17,7 @@ BATCH_ROWS = 256
 # The hub's shard names: data/train-00000-of-00002-<hash>.parquet, default/train/0000.parquet,
 # and a `datasets` save_to_disk folder: train/data-00000-of-00001.arrow.
 _SHARD = re.compile(r"^(?P<split>[A-Za-z0-9_.]+?)-\d{5}-of-\d{5}")
-SPLIT_ALIASES = {"validation": ("validation", "valid", "val", "validate", "dev"), "train": ("train",), "test": ("test",)}
+SPLIT_ALIASES = {"train": ("train",), "validation": ("validation", "valid", "val", "validate", "dev"), "test": ("test",)}
 
 
 def csv_rows(path: Path, required: Sequence[str]) -> Iterator[dict]:
@@ -34,31 +34,34 @@ def csv_rows(path: Path, required: Sequence[str]) -> Iterator[dict]:
         yield from reader
 
 
-def split_of(path: Path) -> Optional[str]:
-    """The split a parquet / arrow shard belongs to, from its name or its folder's name."""
+def split_of(path: Path, src: Path) -> str:
+    """The split a parquet / arrow shard belongs to: from its name (`test-00000-of-00001`), else its
+    folder's (`default/test/0000.parquet`, save_to_disk's `test/data-00000-of-00001.arrow`), else
+    `train` for a file directly in SRC (one parquet file, a single-split save_to_disk)."""
     match = _SHARD.match(path.name)
-    named = canonical_split(match.group("split")) if match else None
-    return named or canonical_split(path.parent.name)  # save_to_disk names shards "data-..."
+    if match and match.group("split") != "data":
+        return canonical_split(match.group("split"))
+    if path.parent != src and not src.is_file():
+        return canonical_split(path.parent.name)
+    return "train"
 
 
-def canonical_split(name: str) -> Optional[str]:
+def canonical_split(name: str) -> str:
+    """train / validation / test for their usual spellings (val, valid, dev, ...), else the name."""
     for split, aliases in SPLIT_ALIASES.items():
         if name.lower() in aliases:
             return split
-    return None
+    return name
 
 
 def table_shards(src: Path) -> dict[str, list[Path]]:
-    """Parquet / arrow files under `src` grouped by split (train / validation / test)."""
-    files = sorted(src.rglob("*.parquet")) + sorted(src.rglob("*.arrow"))
-    if src.is_file():
-        files = [src]
+    """Parquet / arrow files under `src` grouped by split, train / validation / test first."""
+    files = [src] if src.is_file() else sorted(src.rglob("*.parquet")) + sorted(src.rglob("*.arrow"))
     shards: dict[str, list[Path]] = {}
     for path in files:
-        split = split_of(path) or ("train" if src.is_file() else None)
-        if split is not None:
-            shards.setdefault(split, []).append(path)
-    return shards
+        shards.setdefault(split_of(path, src), []).append(path)
+    order = [s for s in SPLIT_ALIASES if s in shards] + sorted(s for s in shards if s not in SPLIT_ALIASES)
+    return {s: shards[s] for s in order}
 
 
 def table_rows(paths: Sequence[Path], columns: Sequence[str]) -> Iterator[dict]:
