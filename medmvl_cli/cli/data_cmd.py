@@ -290,6 +290,19 @@ def cache(
         raise typer.Exit(1)
 
 
+class Dataset(str, Enum):
+    """The converters of medmvl_cli.data.convert.CONVERTERS (listed here so --help stays fast)."""
+
+    vqa_rad = "vqa-rad"
+    slake = "slake"
+    pathvqa = "pathvqa"
+    pmc_vqa = "pmc-vqa"
+    m3d_vqa = "m3d-vqa"
+    m3d_cap = "m3d-cap"
+    ct_rate = "ct-rate"
+    hf = "hf"
+
+
 class Lang(str, Enum):
     en = "en"
     zh = "zh"
@@ -298,7 +311,7 @@ class Lang(str, Enum):
 
 @app.command("convert")
 def convert(
-    dataset: Annotated[str, typer.Argument(help="vqa-rad | slake | pathvqa | pmc-vqa | m3d-vqa | m3d-cap | ct-rate | hf", show_default=False)],
+    dataset: Annotated[Dataset, typer.Argument(help="The dataset's converter (docs/datasets.md).", show_default=False)],
     src: Annotated[Path, typer.Argument(help="The dataset as downloaded (a folder; a parquet file for hf). Only read.", show_default=False)],
     out: Annotated[Path, typer.Option("--out", help="Folder for <split>.json, media links and conversion.json.", show_default=False)],
     split: Annotated[Optional[list[str]], typer.Option("--split", help="Split(s) to write (repeatable; default: every split SRC holds).")] = None,
@@ -325,7 +338,7 @@ def convert(
 
     options = ConvertOptions(lang=lang.value, image_column=image_column, question_column=question_column,
                              answer_column=answer_column, question_type_column=question_type_column)
-    report = run_convert(get_converter(dataset), src, out, split, options, validate=not no_validate)
+    report = run_convert(get_converter(dataset.value), src, out, split, options, validate=not no_validate)
     if as_json:
         typer.echo(json.dumps(report.to_dict(), indent=2, ensure_ascii=False))
     else:

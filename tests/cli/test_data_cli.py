@@ -181,4 +181,11 @@ def test_convert_explains_bad_input(tmp_path):
     text = _plain(result.output)
     assert "pickled release is not read" in text and "Traceback" not in result.output
     result = runner.invoke(app, ["data", "convert", "mimic", str(src), "--out", str(tmp_path / "out")])
-    assert result.exit_code == 1 and "choose one of" in _plain(result.output)
+    assert result.exit_code == 2 and "pmc-vqa" in _plain(result.output)  # usage error listing the choices
+
+
+def test_convert_choices_are_the_registry():
+    from medmvl_cli.cli.data_cmd import Dataset
+    from medmvl_cli.data.convert import CONVERTERS
+
+    assert [d.value for d in Dataset] == list(CONVERTERS)

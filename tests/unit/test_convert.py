@@ -286,3 +286,14 @@ def test_hf_split_names_from_the_hub_layouts(tmp_path):
     assert list(table_shards(tmp_path / "b")) == ["train"]  # a single-split save_to_disk
     assert list(table_shards(tmp_path / "c")) == ["validation"]
     assert list(table_shards(tmp_path / "d.parquet")) == ["train"]
+
+
+def test_an_image_a_crash_left_short_is_written_again(tmp_path):
+    img = _png(5)
+    _hf_parquet(tmp_path / "src", {"train": [(img, "a.png", "Is it normal?", "yes")]})
+    run("hf", tmp_path / "src", tmp_path / "out")
+    [record] = json.loads((tmp_path / "out" / "train.json").read_text())
+    path = tmp_path / "out" / record["image"][0]
+    path.write_bytes(img[:10])
+    run("hf", tmp_path / "src", tmp_path / "out")
+    assert path.read_bytes() == img

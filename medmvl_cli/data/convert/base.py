@@ -127,9 +127,10 @@ class Media:
         ext = _image_suffix(data, name_hint)
         rel = f"{IMAGE_BYTES_DIR}/{digest[:2]}/{digest}{ext}"
         path = self.out_dir / rel
-        if not path.exists():
-            path.parent.mkdir(parents=True, exist_ok=True)
-            with atomic_file(path, "wb") as fh:
+        # No fsync per image (it was most of the run time): a file a crash left short is caught by
+        # its size and written again on the re-run.
+        if not path.is_file() or path.stat().st_size != len(data):
+            with atomic_file(path, "wb", durable=False) as fh:
                 fh.write(data)
         return rel
 
@@ -148,15 +149,17 @@ def _image_suffix(data: bytes, name_hint: str) -> str:
 
 
 @contextlib.contextmanager
-def atomic_file(path: Path, mode: str = "w") -> Iterator[IO]:
-    """A temp file beside `path`, moved into place only when the block ends without error."""
+def atomic_file(path: Path, mode: str = "w", durable: bool = True) -> Iterator[IO]:
+    """A temp file beside `path`, moved into place only when the block ends without error
+    (after an fsync when `durable`)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as fh:
             yield fh
-            fh.flush()
-            os.fsync(fh.fileno())
+            if durable:
+                fh.flush()
+                os.fsync(fh.fileno())
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
