@@ -150,6 +150,9 @@ def test_slake_all_languages(tmp_path):
     run("slake", src, tmp_path / "out", splits=["test"], options=ConvertOptions(lang="all"))
     assert_matches_expected(tmp_path / "out", "slake-all", ["test"])
     assert not (tmp_path / "out" / "train.json").exists()
+    run("slake", src, tmp_path / "out", splits=["validation"])
+    summary = json.loads((tmp_path / "out" / "conversion.json").read_text())
+    assert sorted(summary["splits"]) == ["test", "validation"]  # a later run keeps the earlier split's counts
 
 
 # -------------------------------------------------------------------------------------- PathVQA

@@ -92,10 +92,21 @@ def convert(
         if validate:
             split_report.validation = _validate(split_report.file, out_dir)
         report.splits.append(split_report)
-    with atomic_file(out_dir / "conversion.json") as fh:
-        json.dump(report.to_dict(), fh, indent=2, ensure_ascii=False)
-        fh.write("\n")
+    _write_summary(out_dir / "conversion.json", report.to_dict())
     return report
+
+
+def _write_summary(path: Path, summary: dict) -> None:
+    """conversion.json; splits converted by an earlier run of the same dataset into DIR are kept."""
+    try:
+        earlier = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        earlier = {}
+    if isinstance(earlier, dict) and earlier.get("dataset") == summary["dataset"] and isinstance(earlier.get("splits"), dict):
+        summary["splits"] = {**earlier["splits"], **summary["splits"]}
+    with atomic_file(path) as fh:
+        json.dump(summary, fh, indent=2, ensure_ascii=False)
+        fh.write("\n")
 
 
 def _check_folders(src: Path, out_dir: Path) -> None:
