@@ -6,9 +6,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from medmvl_cli.data.annotations import QUESTION_TYPES
 from medmvl_cli.errors import DataError
-
-QUESTION_TYPES = ("closed", "open", "choice")
 
 
 @dataclass(frozen=True)

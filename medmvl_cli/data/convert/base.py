@@ -20,9 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Iterator, Optional, Sequence
 
+from medmvl_cli.data.annotations import QUESTION_TYPES
 from medmvl_cli.errors import DataError
-
-QUESTION_TYPES = ("closed", "open", "choice")
 IMAGE_BYTES_DIR = "images"
 CHOICE_LETTERS = "ABCD"
 
