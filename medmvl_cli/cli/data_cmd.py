@@ -1,4 +1,5 @@
-"""`medmvl data validate | synth | cache`: check an annotation file, write a synthetic dataset, fill the volume cache."""
+"""`medmvl data validate | synth | cache | convert`: check an annotation file, write a synthetic dataset,
+fill the volume cache, convert a published dataset."""
 
 from __future__ import annotations
 
@@ -270,3 +271,78 @@ def cache(
         console.print(f"  [red]failed[/red] {path}: {message}")
     if report.failed:
         raise typer.Exit(1)
+
+
+class Dataset(str, Enum):
+    """The converters of medmvl_cli.data.convert.CONVERTERS (listed here so --help stays fast)."""
+
+    vqa_rad = "vqa-rad"
+    slake = "slake"
+    pathvqa = "pathvqa"
+    pmc_vqa = "pmc-vqa"
+    m3d_vqa = "m3d-vqa"
+    m3d_cap = "m3d-cap"
+    ct_rate = "ct-rate"
+    hf = "hf"
+
+
+class Lang(str, Enum):
+    en = "en"
+    zh = "zh"
+    all = "all"
+
+
+@app.command("convert")
+def convert(
+    dataset: Annotated[Dataset, typer.Argument(help="The dataset's converter (docs/datasets.md).", show_default=False)],
+    src: Annotated[Path, typer.Argument(help="The dataset as downloaded (a folder; a parquet file for hf). Only read.", show_default=False)],
+    out: Annotated[Path, typer.Option("--out", help="Folder for <split>.json, media links and conversion.json.", show_default=False)],
+    split: Annotated[Optional[list[str]], typer.Option("--split", help="Split(s) to write (repeatable; default: every split SRC holds).")] = None,
+    lang: Annotated[Lang, typer.Option("--lang", help="SLAKE: questions in this language.")] = Lang.en,
+    image_column: Annotated[Optional[str], typer.Option("--image-column", help="hf: the image column (default image).")] = None,
+    question_column: Annotated[Optional[str], typer.Option("--question-column", help="hf: the question column (default question).")] = None,
+    answer_column: Annotated[Optional[str], typer.Option("--answer-column", help="hf: the answer column (default answer).")] = None,
+    question_type_column: Annotated[Optional[str], typer.Option("--question-type-column", help="hf: a closed / open / choice column (default: yes / no answers are closed).")] = None,
+    no_validate: Annotated[bool, typer.Option("--no-validate", help="Skip `data validate` on the files written.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON on stdout.")] = False,
+) -> None:
+    """Convert a public dataset, in the layout it is published in, into MedM-VL annotation files.
+
+    One <split>.json per split, each record with `answer` and `question_type` (closed / open / choice),
+    media paths relative to OUT (links to the source folders; images stored in parquet written once).
+    Counts read / written / dropped with reasons; validates what it wrote. Re-running rewrites the
+    same files. See docs/datasets.md for each dataset.
+
+    Example: medmvl data convert slake data/Slake1.0 --out data/slake --lang en
+    """
+    from rich.console import Console
+
+    from medmvl_cli.data.convert import ConvertOptions, convert as run_convert, get_converter
+
+    options = ConvertOptions(lang=lang.value, image_column=image_column, question_column=question_column,
+                             answer_column=answer_column, question_type_column=question_type_column)
+    report = run_convert(get_converter(dataset.value), src, out, split, options, validate=not no_validate)
+    if as_json:
+        typer.echo(json.dumps(report.to_dict(), indent=2, ensure_ascii=False))
+    else:
+        _print_conversion(report, Console())
+    if not report.ok:
+        raise typer.Exit(1)
+
+
+def _print_conversion(report, console) -> None:
+    from rich.markup import escape
+    from rich.table import Table
+
+    table = Table(title=f"{report.dataset} -> {escape(str(report.out_dir))}", show_edge=False, pad_edge=False)
+    for name, justify in (("split", "left"), ("file", "left"), ("read", "right"), ("written", "right"),
+                          ("dropped", "right"), ("validate", "left")):
+        table.add_column(name, justify=justify)
+    for s in report.splits:
+        check = "skipped" if s.validation is None else ("ok" if s.validation["ok"] else
+                                                        "[red]" + escape(", ".join(f"{k} {v}" for k, v in s.validation["problems"].items())) + "[/red]")
+        table.add_row(s.split, s.file.name, str(s.read), str(s.written), str(sum(s.dropped.values())), check)
+    console.print(table)
+    for s in report.splits:
+        for reason, count in sorted(s.dropped.items()):
+            console.print(f"  {s.split}: dropped {count} ({escape(reason)})")

@@ -35,7 +35,7 @@ ROLES: dict[str, str] = {
     "gpt": "assistant", "assistant": "assistant",
     "system": "system",
 }
-QUESTION_TYPES = ("closed", "open")
+QUESTION_TYPES = ("closed", "open", "choice")
 KNOWN_KEYS = frozenset({"id", "image", "image3d", "conversations", "answer", "question_type"})
 
 FileFormat = Literal["json", "jsonl"]
@@ -443,7 +443,7 @@ def schema_problems(raw: RawRecord) -> tuple[Optional[Record], list[Issue]]:
     answer = _scalar_text(data, "answer", issues)
     qtype = _scalar_text(data, "question_type", issues)
     if qtype is not None and qtype not in QUESTION_TYPES:
-        issues.append(Issue("schema", f"`question_type` must be closed or open (got {qtype!r})"))
+        issues.append(Issue("schema", f"`question_type` must be closed, open or choice (got {qtype!r})"))
     extra = {k: v for k, v in data.items() if k not in KNOWN_KEYS}
     if not turns:
         return None, issues

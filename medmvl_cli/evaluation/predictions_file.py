@@ -6,9 +6,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from medmvl_cli.data.annotations import QUESTION_TYPES
 from medmvl_cli.errors import DataError
-
-QUESTION_TYPES = ("closed", "open")
 
 
 @dataclass(frozen=True)
@@ -19,7 +18,7 @@ class PredictionRow:
     id: str | None
     prediction: str | None  # None only when `error` is set
     answer: str | None  # None when the row carries no usable reference
-    question_type: str | None  # "closed" | "open" as given, or None
+    question_type: str | None  # "closed" | "open" | "choice" as given, or None
     error: str | None
     model: str | None
 
@@ -120,7 +119,7 @@ def _question_type(value, where: str) -> str | None:
     if kind not in QUESTION_TYPES:
         raise DataError(
             f"{where}: `question_type` is {value!r}.",
-            hint="Use `closed` or `open`, or leave the field out and medmvl infers it "
+            hint="Use `closed`, `open` or `choice`, or leave the field out and medmvl infers it "
             "(yes/no and multiple-choice answers are closed).",
         )
     return kind

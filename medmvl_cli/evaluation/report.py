@@ -6,8 +6,8 @@ Which rows a metric averages over:
   multiple-choice answer (LLaVA-Med's rule makes no sense on "B. liver"; those rows go to
   ``choice_accuracy`` instead);
 - ``open_recall`` and the text metrics (BLEU, ROUGE, METEOR, BERTScore): open rows;
-- ``choice_accuracy`` / ``choice_accuracy_strict``: closed rows whose reference is "(b) text" or
-  "B. text";
+- ``choice_accuracy`` / ``choice_accuracy_strict``: ``choice`` rows (as `medmvl data convert`
+  writes for PMC-VQA and M3D-VQA), and closed rows whose reference is "(b) text" or "B. text";
 - ``exact_match``: every scored row.
 
 Rows with an ``error`` and rows without an ``answer`` are counted, never scored.
@@ -127,8 +127,9 @@ def score_rows(rows: list[PredictionRow], source: Path | None = None, meteor=Non
             continue
         counts["scored"] += 1
         sample.update(_score_one(row.prediction, row.answer, row.question_type, meteor))
-        counts[sample["question_type"]] += 1
-        if "choice_correct" in sample:
+        kind = sample["question_type"]
+        counts["closed" if kind == "choice" else kind] += 1  # choice questions are closed ones
+        if kind == "choice" or "choice_correct" in sample:
             counts["choice"] += 1
         if sample["question_type"] == "open":
             open_pairs.append((sample, row.prediction.strip(), row.answer.strip()))
@@ -148,7 +149,9 @@ def _score_one(prediction: str, answer: str, given_type: str | None, meteor) -> 
     qtype = given_type or m.infer_question_type(answer)
     out = {"status": "scored", "question_type": qtype, "question_type_inferred": given_type is None}
     out["exact_match"] = m.exact_match(prediction, answer)
-    letter = m.choice_letter(answer) if qtype == "closed" else None
+    letter = m.choice_letter(answer) if qtype in ("closed", "choice") else None
+    if qtype == "choice" and letter is None:
+        return out  # a choice reference without a letter: exact match only
     if letter is not None:
         out["choice_letter"] = letter
         out["choice_correct"] = m.choice_correct(prediction, letter)

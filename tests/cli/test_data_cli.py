@@ -156,3 +156,36 @@ def test_validate_with_recipe_reports_lengths(synth_dir):
     text = runner.invoke(app, ["data", "validate", str(synth_dir / "train_2d.json"),
                                "--recipe", str(synth_dir.parent / "recipe.yaml")])
     assert "p50" in text.stdout and "dropped" in text.stdout
+
+
+def test_convert_prints_counts_and_json(tmp_path):
+    from tests.unit.test_convert import materialise
+
+    src = materialise("pmc-vqa", tmp_path)
+    out = tmp_path / "out"
+    result = runner.invoke(app, ["data", "convert", "pmc-vqa", str(src), "--out", str(out), "--split", "train"])
+    assert result.exit_code == 0, result.output
+    assert "dropped 1 (image missing)" in result.output
+    result = runner.invoke(app, ["data", "convert", "pmc-vqa", str(src), "--out", str(out), "--split", "train", "--json"])
+    report = json.loads(result.output)
+    assert report["splits"]["train"]["written"] == 2 and report["splits"]["train"]["validation"]["ok"]
+    assert json.loads((out / "conversion.json").read_text()) == report
+
+
+def test_convert_explains_bad_input(tmp_path):
+    from tests.unit.test_convert import materialise
+
+    src = materialise("pathvqa-pickle", tmp_path)
+    result = runner.invoke(app, ["data", "convert", "pathvqa", str(src), "--out", str(tmp_path / "out")])
+    assert result.exit_code == 1
+    text = _plain(result.output)
+    assert "pickled release is not read" in text and "Traceback" not in result.output
+    result = runner.invoke(app, ["data", "convert", "mimic", str(src), "--out", str(tmp_path / "out")])
+    assert result.exit_code == 2 and "pmc-vqa" in _plain(result.output)  # usage error listing the choices
+
+
+def test_convert_choices_are_the_registry():
+    from medmvl_cli.cli.data_cmd import Dataset
+    from medmvl_cli.data.convert import CONVERTERS
+
+    assert [d.value for d in Dataset] == list(CONVERTERS)

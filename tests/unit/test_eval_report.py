@@ -140,3 +140,16 @@ def test_not_utf8(tmp_path):
     path.write_bytes(b'{"prediction": "\xff"}\n')
     with pytest.raises(DataError, match="not UTF-8"):
         read_predictions(path)
+
+
+def test_choice_rows_score_choice_accuracy_only(tmp_path):
+    rows = [
+        {"id": "c1", "prediction": "B. MRI", "answer": "B. MRI", "question_type": "choice"},
+        {"id": "c2", "prediction": "The answer is A.", "answer": "C. Axial", "question_type": "CHOICE"},
+        {"id": "c3", "prediction": "liver", "answer": "liver", "question_type": "choice"},  # no letter
+    ]
+    report = evaluate_predictions(write_jsonl(tmp_path / "preds.jsonl", rows))
+    assert report.counts["closed"] == 3 and report.counts["choice"] == 3 and report.counts["open"] == 0
+    assert report.metric("choice_accuracy").value == 0.5 and report.metric("choice_accuracy").n == 2
+    assert report.metric("closed_accuracy").value is None  # LLaVA-Med's yes/no rule is not applied
+    assert report.metric("exact_match").value == 2 / 3
