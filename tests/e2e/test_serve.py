@@ -322,3 +322,100 @@ def test_64_concurrent_mixed_requests_each_get_their_own_answer(chaotic, synth_d
     assert answers == [cases[i % len(cases)][1] for i in range(64)]
     assert health["largest_batch"] > 1  # requests really were batched
     assert health["feature_cache_hits"] > 0  # and volumes asked about again were not encoded again
+
+
+# ------------------------------------------------------------------------------------ chat
+def test_chat_answers_turn_after_turn_with_the_conversation_as_context(run, predictor, synth_data):
+    volume = volumes(synth_data)[0]
+    first, second = "Which lung has the lesion?", "Is it large?"
+    result = runner.invoke(app, ["chat", "--model", str(run), "--volume", str(volume), "--max-new-tokens", str(MAX_NEW)],
+                           input=f"{first}\n\n{second}\n/exit\n")
+    assert result.exit_code == 0, result.output
+    settings = GenerationSettings(max_new_tokens=MAX_NEW)
+    turn1 = [{"role": "user", "content": f"<image3d>\n{first}"}]
+    answer1 = predictor.generate([Request(messages=turn1, volumes=[volume])], settings)[0]
+    turn2 = turn1 + [{"role": "assistant", "content": answer1}, {"role": "user", "content": second}]
+    answer2 = predictor.generate([Request(messages=turn2, volumes=[volume])], settings)[0]
+    replies = [line.split("model> ", 1)[1] for line in result.stdout.splitlines() if "model> " in line]
+    assert replies == [answer1, answer2]
+
+
+def test_chat_takes_one_image_or_one_volume(run, synth_data):
+    result = runner.invoke(app, ["chat", "--model", str(run), "--image", str(images(synth_data)[0]),
+                                 "--volume", str(volumes(synth_data)[0])])
+    assert result.exit_code == 2 and "not both" in result.output
+
+
+# ------------------------------------------------------------------------------------ operations
+def test_body_limit_timeout_and_no_request_contents_in_the_logs(predictor, synth_data, caplog):
+    import logging
+
+    secret = "PATIENT-ZEBRA-4711"
+    volume = volumes(synth_data)[0]
+    messages = ask(volume_part(volume, filename=f"{secret}.nii.gz"), f"Is {secret} well?")
+    with caplog.at_level(logging.DEBUG):
+        with serve_in_thread(predictor, ServeSettings(max_body_bytes=1024)) as url:
+            status, error = error_of(lambda: openai.OpenAI(base_url=url, api_key="x", max_retries=0)
+                                     .chat.completions.create(model=predictor.name, messages=messages, max_tokens=2))
+            assert status == 413 and error["code"] == "request_too_large"
+        with serve_in_thread(predictor, ServeSettings(request_timeout_s=1e-4)) as url:
+            status, error = error_of(lambda: openai.OpenAI(base_url=url, api_key="x", max_retries=0)
+                                     .chat.completions.create(model=predictor.name, messages=messages, max_tokens=2))
+            assert status == 504 and error["code"] == "timeout"
+        with serve_in_thread(predictor, ServeSettings()) as url:
+            reply = openai.OpenAI(base_url=url, api_key="x", max_retries=0).chat.completions.create(
+                model=predictor.name, messages=messages, max_tokens=MAX_NEW)
+    answer = reply.choices[0].message.content
+    assert answer and "POST /v1/chat/completions" in caplog.text or "chat/completions" in caplog.text
+    assert secret not in caplog.text and answer not in caplog.text
+
+
+@pytest.mark.slow  # starts `medmvl serve` in its own Python and loads the model there
+def test_sigterm_finishes_the_request_in_flight_then_exits(run, predictor, synth_data, tmp_path):
+    import os
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    import httpx
+
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server = subprocess.Popen([sys.executable, "-m", "medmvl_cli", "serve", "--model", str(run), "--port", str(port)],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path,
+                              env=dict(os.environ, HF_HUB_OFFLINE="1", TMPDIR=str(scratch)))
+    try:
+        base = f"http://127.0.0.1:{port}"
+        for _ in range(600):
+            try:
+                if httpx.get(f"{base}/health").status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.1)
+        body = {"model": predictor.name, "messages": ask(volume_part(volumes(synth_data)[0]), "Describe it."),
+                "max_tokens": 150, "stream": True}
+        events = []
+        with httpx.stream("POST", f"{base}/v1/chat/completions", json=body, timeout=120) as response:
+            for line in response.iter_lines():
+                if line and not events:
+                    server.send_signal(signal.SIGTERM)  # the answer has started
+                events += [line] if line else []
+        assert events[-1] == "data: [DONE]"
+        finish = json.loads(events[-2][len("data: "):])["choices"][0]["finish_reason"]
+        assert finish in ("stop", "length") and len(events) > 3
+        # uvicorn shuts down gracefully, then re-raises the signal so the exit status says why.
+        assert server.wait(timeout=60) in (0, -signal.SIGTERM)
+        log = server.stdout.read()
+        assert "Finished server process" in log and "Traceback" not in log
+        assert list(scratch.iterdir()) == []  # the uploads' folder is gone
+        with pytest.raises(httpx.TransportError):
+            httpx.get(f"{base}/health")
+    finally:
+        if server.poll() is None:
+            server.kill()
+        server.wait()
