@@ -23,7 +23,7 @@ from medmvl_cli.cli.app import app  # noqa: E402
 from medmvl_cli.inference.generate import GenerationSettings, Predictor, Request  # noqa: E402
 from medmvl_cli.serve.app import ServeSettings  # noqa: E402
 from medmvl_cli.serve.server import serve_in_thread  # noqa: E402
-from tests.e2e.test_infer import RECIPE  # noqa: E402
+from tests.e2e.conftest import RECIPE_2D3D  # noqa: E402
 
 runner = CliRunner()
 MAX_NEW = 8
@@ -32,14 +32,8 @@ KEY = "test-key-123"
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory, synth_data) -> Path:
-    from medmvl_cli.config.loader import load_recipe
-    from medmvl_cli.engine.stages import train_stage
-
-    root = tmp_path_factory.mktemp("serve-run")
-    recipe = root / "tiny-2d3d.yaml"
-    recipe.write_text(RECIPE.format(data=synth_data))
-    return Path(train_stage(load_recipe(recipe, []), quiet=True))
+def run(run_2d3d) -> Path:
+    return run_2d3d
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +52,7 @@ def chaotic(tmp_path_factory, synth_data) -> Predictor:
     from medmvl_cli.model.builder import build_model, save_model
 
     root = tmp_path_factory.mktemp("chaotic")
-    (root / "recipe.yaml").write_text(RECIPE.format(data=synth_data))
+    (root / "recipe.yaml").write_text(RECIPE_2D3D.format(data=synth_data))
     torch.manual_seed(0)
     model, tokenizer, processor = build_model(load_recipe(root / "recipe.yaml", []))
     with torch.no_grad():
