@@ -23,9 +23,9 @@ def serve(
     request_timeout: Annotated[float, typer.Option("--request-timeout", min=1, help="Seconds a request may take, queueing included.", rich_help_panel=LIMITS)] = 300,
     feature_cache_size: Annotated[int, typer.Option("--feature-cache-size", min=1, help="Volumes whose encoder features are kept (by content hash).", rich_help_panel=LIMITS)] = 64,
 ) -> None:
-    """Serve a model with OpenAI's chat-completions API (POST /v1/chat/completions, streaming as
-    server-sent events; GET /v1/models; GET /health).
+    """Serve a model with OpenAI's chat-completions API, batching concurrent requests.
 
+    Routes: POST /v1/chat/completions (streaming as server-sent events), GET /v1/models, GET /health.
     Images are image_url parts with data: URLs; volumes are file parts (file_data + filename:
     .nii / .nii.gz, .nrrd, .mha, .npy, or a .zip of one DICOM series). Concurrent requests are
     batched. Listens on 127.0.0.1 unless told otherwise; request contents are never logged.
