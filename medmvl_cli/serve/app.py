@@ -85,7 +85,7 @@ def create_app(predictor: Predictor, settings: ServeSettings) -> FastAPI:
         batcher = state["batcher"]
         return {"status": "ok", "model": predictor.name, "batches": batcher.batches,
                 "largest_batch": batcher.largest_batch, "volumes_encoded": predictor.volumes_encoded,
-                "feature_cache_hits": predictor.cache_hits}
+                "feature_cache_hits": predictor.cache_hits, "uploads_held": state["media"].uploads_held}
 
     @app.get("/v1/models")
     async def models(request: Request):
@@ -101,23 +101,18 @@ def create_app(predictor: Predictor, settings: ServeSettings) -> FastAPI:
             raise APIError(404, f"the model `{chat.model}` does not exist; this server has `{predictor.name}`",
                            param="model", code="model_not_found")
         prepared = state["media"].prepare(chat)
-        job = _job(chat, prepared)
+        # The batcher releases the uploads once the job has run (or was dropped), whatever the client does.
+        job = _job(chat, prepared, on_done=lambda: state["media"].release(prepared))
         state["batcher"].submit(job)
         reply = _Reply(chat, predictor.name)
         deadline = asyncio.get_running_loop().time() + settings.request_timeout_s
         try:
             first = await _next_event(job, deadline)
-        except BaseException:
-            job.cancelled.set()
-            state["media"].release(prepared)
-            raise
-        if first[0] == "error":
-            state["media"].release(prepared)
-            raise _as_api_error(first[1], prepared)
-        if chat.stream:
-            return StreamingResponse(_sse(reply, job, first, deadline, prepared, state["media"]),
-                                     media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-        try:
+            if first[0] == "error":
+                raise _as_api_error(first[1], prepared)
+            if chat.stream:
+                return StreamingResponse(_sse(reply, job, first, deadline, prepared),
+                                         media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
             text, event = "", first
             while event[0] == "delta":
                 text += event[1]
@@ -125,8 +120,6 @@ def create_app(predictor: Predictor, settings: ServeSettings) -> FastAPI:
         except BaseException:
             job.cancelled.set()
             raise
-        finally:
-            state["media"].release(prepared)
         if event[0] == "error":
             raise _as_api_error(event[1], prepared)
         return reply.completion(text, *event[1:])
@@ -134,14 +127,14 @@ def create_app(predictor: Predictor, settings: ServeSettings) -> FastAPI:
     return app
 
 
-def _job(chat: ChatCompletionRequest, prepared: Prepared) -> Job:
+def _job(chat: ChatCompletionRequest, prepared: Prepared, on_done) -> Job:
     max_tokens = chat.max_completion_tokens or chat.max_tokens or DEFAULT_MAX_TOKENS
     request = ModelRequest(messages=prepared.messages, images=prepared.images, volumes=prepared.volumes,
                            volume_keys=prepared.volume_keys)
     settings = GenerationSettings(max_new_tokens=max_tokens, temperature=chat.temperature or 0.0,
                                   top_p=chat.top_p if chat.top_p is not None else 1.0)
     return Job(request=request, settings=settings, stop=chat.stop_strings, seed=chat.seed,
-               loop=asyncio.get_running_loop())
+               loop=asyncio.get_running_loop(), on_done=on_done)
 
 
 async def _read_body(request: Request, limit: int) -> bytes:
@@ -205,7 +198,7 @@ class _Reply:
         return f"data: {json.dumps(body)}\n\n"
 
 
-async def _sse(reply: _Reply, job: Job, first: tuple, deadline: float, prepared: Prepared, media: MediaStore):
+async def _sse(reply: _Reply, job: Job, first: tuple, deadline: float, prepared: Prepared):
     """The stream: a role chunk, content chunks, a finish chunk, (usage), then [DONE]. An error
     after the stream began is sent as an error event, then the stream ends."""
     try:
@@ -226,4 +219,3 @@ async def _sse(reply: _Reply, job: Job, first: tuple, deadline: float, prepared:
         yield f"data: {json.dumps(err.body())}\n\n"
     finally:
         job.cancelled.set()  # a client that went away stops its row at the next step
-        media.release(prepared)

@@ -17,7 +17,7 @@ import logging
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Callable, Optional
 
 from medmvl_cli.errors import MedmvlError
 from medmvl_cli.inference.generate import GenerationSettings, Predictor, Request
@@ -38,6 +38,7 @@ class Job:
     loop: asyncio.AbstractEventLoop
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     cancelled: threading.Event = field(default_factory=threading.Event)
+    on_done: Callable[[], None] = lambda: None  # called once the job has run or was dropped
 
     def key(self) -> tuple:
         if not self.settings.sampling:
@@ -163,7 +164,9 @@ class Batcher:
                 jobs.append(job)
             groups: dict[tuple, list[Job]] = {}
             for job in jobs:
-                if not job.cancelled.is_set():
+                if job.cancelled.is_set():
+                    job.on_done()
+                else:
                     groups.setdefault(job.key(), []).append(job)
             for group in groups.values():
                 await loop.run_in_executor(self._executor, self._run, group)
@@ -171,11 +174,18 @@ class Batcher:
     # ----------------------------------------------------------------------------- model thread
     def _run(self, jobs: list[Job]) -> None:
         try:
+            self._answer(jobs)
+        finally:
+            for job in jobs:
+                job.on_done()
+
+    def _answer(self, jobs: list[Job]) -> None:
+        try:
             self._generate(jobs)
         except MedmvlError as err:
             if len(jobs) > 1:  # find the bad input: each request on its own
                 for job in jobs:
-                    self._run([job])
+                    self._answer([job])
                 return
             jobs[0].emit("error", err)
         except Exception as err:  # noqa: BLE001 - answered as a 500; the message may hold request data

@@ -101,6 +101,12 @@ class MediaStore:
     def close(self) -> None:
         shutil.rmtree(self.root, ignore_errors=True)
 
+    @property
+    def uploads_held(self) -> int:
+        """Uploaded files / series on disk now (requests still using them)."""
+        with self._lock:
+            return len(self._users)
+
     # ----------------------------------------------------------------------------- parts
     def _part(self, part, where: str, prepared: Prepared) -> dict:
         if part.type == "text":

@@ -9,6 +9,7 @@ import asyncio
 import base64
 import io
 import json
+import time
 import zipfile
 from pathlib import Path
 
@@ -312,10 +313,15 @@ def test_64_concurrent_mixed_requests_each_get_their_own_answer(chaotic, synth_d
 
     with serve_in_thread(chaotic, ServeSettings(max_batch_size=16, batch_window_s=0.02)) as url:
         answers = asyncio.run(all64(url))
-        health = httpx.get(url.removesuffix("/v1") + "/health").json()
+        for _ in range(100):  # each job releases its uploads right after its last event
+            health = httpx.get(url.removesuffix("/v1") + "/health").json()
+            if health["uploads_held"] == 0:
+                break
+            time.sleep(0.02)
     assert answers == [cases[i % len(cases)][1] for i in range(64)]
     assert health["largest_batch"] > 1  # requests really were batched
     assert health["feature_cache_hits"] > 0  # and volumes asked about again were not encoded again
+    assert health["uploads_held"] == 0  # no upload outlives its requests
 
 
 # ------------------------------------------------------------------------------------ chat
