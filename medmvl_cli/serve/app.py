@@ -25,7 +25,6 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from medmvl_cli.errors import MedmvlError
 from medmvl_cli.inference.generate import GenerationSettings, Predictor
-from medmvl_cli.inference.generate import Request as ModelRequest
 from medmvl_cli.serve.batcher import Batcher, Job
 from medmvl_cli.serve.media import MediaStore, Prepared
 from medmvl_cli.serve.schemas import APIError, ChatCompletionRequest, parse_request
@@ -129,11 +128,9 @@ def create_app(predictor: Predictor, settings: ServeSettings) -> FastAPI:
 
 def _job(chat: ChatCompletionRequest, prepared: Prepared, on_done) -> Job:
     max_tokens = chat.max_completion_tokens or chat.max_tokens or DEFAULT_MAX_TOKENS
-    request = ModelRequest(messages=prepared.messages, images=prepared.images, volumes=prepared.volumes,
-                           volume_keys=prepared.volume_keys)
     settings = GenerationSettings(max_new_tokens=max_tokens, temperature=chat.temperature or 0.0,
                                   top_p=chat.top_p if chat.top_p is not None else 1.0)
-    return Job(request=request, settings=settings, stop=chat.stop_strings, seed=chat.seed,
+    return Job(request=prepared.request, settings=settings, stop=chat.stop_strings, seed=chat.seed,
                loop=asyncio.get_running_loop(), on_done=on_done)
 
 

@@ -28,6 +28,7 @@ from urllib.parse import unquote, urlparse
 
 from medmvl_cli.data.image_io import IMAGE_SUFFIXES
 from medmvl_cli.data.templates import IMAGE3D_TOKEN, IMAGE_TOKEN, count_placeholders
+from medmvl_cli.inference.generate import Request, file_identity
 from medmvl_cli.serve.schemas import APIError, ChatCompletionRequest, FilePart, ImagePart
 
 logger = logging.getLogger(__name__)
@@ -44,12 +45,10 @@ ROLE_OF = {"system": "system", "developer": "system", "user": "user", "assistant
 
 @dataclass
 class Prepared:
-    """One request's conversation in medmvl's form (typed parts) and its media."""
+    """One request as the predictor takes it (messages with typed parts, media files, content-hash
+    feature keys), with what the server needs to report on it and clean up after it."""
 
-    messages: list[dict]
-    images: list[Path] = field(default_factory=list)
-    volumes: list[Path] = field(default_factory=list)
-    volume_keys: list[str] = field(default_factory=list)
+    request: Request = field(default_factory=lambda: Request(messages=[]))
     # Where each file came from ("messages[0].content[1]"), to name it in errors instead of its path.
     origins: dict[str, str] = field(default_factory=dict)
     held: list[Path] = field(default_factory=list)  # uploads to release when the request ends
@@ -72,18 +71,19 @@ class MediaStore:
         self._lock = threading.Lock()
 
     # ----------------------------------------------------------------------------- requests
-    def prepare(self, request: ChatCompletionRequest) -> Prepared:
+    def prepare(self, chat: ChatCompletionRequest) -> Prepared:
         """Messages with typed parts ({"type": "text" | "image" | "volume"}) and the media they
         name, in placeholder order; APIError(400) naming the part on anything unusable."""
-        prepared = Prepared(messages=[])
+        prepared = Prepared()
+        request = prepared.request
         try:
-            for i, message in enumerate(request.messages):
+            for i, message in enumerate(chat.messages):
                 content = message.content
                 if not isinstance(content, str):
                     content = [self._part(part, f"messages[{i}].content[{j}]", prepared)
                                for j, part in enumerate(content)]
-                prepared.messages.append({"role": ROLE_OF[message.role], "content": content})
-            self._check_placeholders(prepared)
+                request.messages.append({"role": ROLE_OF[message.role], "content": content})
+            self._check_placeholders(request)
         except BaseException:
             self.release(prepared)
             raise
@@ -117,10 +117,10 @@ class MediaStore:
             path, key, kind = self._from_file(part, where, prepared)
         prepared.origins[str(path)] = where
         if kind == "volume":
-            prepared.volumes.append(path)
-            prepared.volume_keys.append(key)
+            prepared.request.volumes.append(path)
+            prepared.request.volume_keys.append(key)
         else:
-            prepared.images.append(path)
+            prepared.request.images.append(path)
         return {"type": kind}
 
     def _from_url(self, url: str, where: str, prepared: Prepared) -> tuple[Path, str, str]:
@@ -134,8 +134,6 @@ class MediaStore:
         if url.startswith("file:"):
             path = self._local_path(url, where)
             kind = "volume" if path.is_dir() or path.name.lower().endswith(VOLUME_UPLOAD_SUFFIXES + (".mhd",)) else "image"
-            from medmvl_cli.inference.generate import file_identity
-
             return path, file_identity(path), kind
         raise APIError(400, f"{where}: only data: URLs (and file:// under --allowed-local-root) are read; "
                             "this server fetches nothing from the network", param=where)
@@ -206,9 +204,9 @@ class MediaStore:
         return folder, f"sha256:{digest}.series"
 
     @staticmethod
-    def _check_placeholders(prepared: Prepared) -> None:
-        counts = count_placeholders(prepared.messages)
-        for token, media, part in ((IMAGE_TOKEN, prepared.images, "image_url"), (IMAGE3D_TOKEN, prepared.volumes, "file")):
+    def _check_placeholders(request: Request) -> None:
+        counts = count_placeholders(request.messages)
+        for token, media, part in ((IMAGE_TOKEN, request.images, "image_url"), (IMAGE3D_TOKEN, request.volumes, "file")):
             if counts[token] != len(media):
                 raise APIError(400, f"the messages hold {counts[token]} {token} for {len(media)} {part} part(s); send "
                                     f"media as parts and leave {token} out of the text", param="messages")

@@ -33,13 +33,8 @@ KEY = "test-key-123"
 
 
 @pytest.fixture(scope="module")
-def run(run_2d3d) -> Path:
-    return run_2d3d
-
-
-@pytest.fixture(scope="module")
-def predictor(run) -> Predictor:
-    return Predictor(run / "model")
+def predictor(run_2d3d) -> Predictor:
+    return Predictor(run_2d3d / "model")
 
 
 @pytest.fixture(scope="module")
@@ -126,7 +121,7 @@ def alone(predictor: Predictor, request: Request) -> tuple[str, int, int]:
 
 # ------------------------------------------------------------------------------------ answers
 @pytest.mark.parametrize("kind", ["2d", "3d", "dicom-zip"])
-def test_answers_equal_medmvl_infer_streaming_and_not(run, predictor, client, synth_data, kind, tmp_path):
+def test_answers_equal_medmvl_infer_streaming_and_not(run_2d3d, predictor, client, synth_data, kind, tmp_path):
     question = "Which quadrant of the chest holds the lesion?" if kind == "2d" else "Which lung has the lesion?"
     if kind == "2d":
         path, flag, part, placeholder = images(synth_data)[0], "--image", image_part(images(synth_data)[0]), "<image>"
@@ -136,7 +131,7 @@ def test_answers_equal_medmvl_infer_streaming_and_not(run, predictor, client, sy
         path, flag, placeholder = CT_SERIES, "--volume", "<image3d>"
         part = {"type": "file", "file": {"file_data": f"data:application/zip;base64,{b64(series_zip(CT_SERIES))}",
                                          "filename": "ct-series.zip"}}
-    expected = infer_answer(run, flag, path, question)
+    expected = infer_answer(run_2d3d, flag, path, question)
     request = Request(messages=[{"role": "user", "content": f"{placeholder}\n{question}"}],
                       **({"images": [path]} if flag == "--image" else {"volumes": [path]}))
     answer, prompt_tokens, generated = alone(predictor, request)
@@ -275,9 +270,9 @@ def test_the_api_key_is_required_when_set(predictor):
         assert [m.id for m in listed.data] == [predictor.name]
 
 
-def test_serve_refuses_other_addresses_without_a_key(run, monkeypatch):
+def test_serve_refuses_other_addresses_without_a_key(run_2d3d, monkeypatch):
     monkeypatch.delenv("MEDMVL_API_KEY", raising=False)
-    result = runner.invoke(app, ["serve", "--model", str(run), "--host", "0.0.0.0"])
+    result = runner.invoke(app, ["serve", "--model", str(run_2d3d), "--host", "0.0.0.0"])
     assert result.exit_code == 1 and "--api-key" in result.output
 
 
@@ -325,10 +320,10 @@ def test_64_concurrent_mixed_requests_each_get_their_own_answer(chaotic, synth_d
 
 
 # ------------------------------------------------------------------------------------ chat
-def test_chat_answers_turn_after_turn_with_the_conversation_as_context(run, predictor, synth_data):
+def test_chat_answers_turn_after_turn_with_the_conversation_as_context(run_2d3d, predictor, synth_data):
     volume = volumes(synth_data)[0]
     first, second = "Which lung has the lesion?", "Is it large?"
-    result = runner.invoke(app, ["chat", "--model", str(run), "--volume", str(volume), "--max-new-tokens", str(MAX_NEW)],
+    result = runner.invoke(app, ["chat", "--model", str(run_2d3d), "--volume", str(volume), "--max-new-tokens", str(MAX_NEW)],
                            input=f"{first}\n\n{second}\n/exit\n")
     assert result.exit_code == 0, result.output
     settings = GenerationSettings(max_new_tokens=MAX_NEW)
@@ -340,8 +335,8 @@ def test_chat_answers_turn_after_turn_with_the_conversation_as_context(run, pred
     assert replies == [answer1, answer2]
 
 
-def test_chat_takes_one_image_or_one_volume(run, synth_data):
-    result = runner.invoke(app, ["chat", "--model", str(run), "--image", str(images(synth_data)[0]),
+def test_chat_takes_one_image_or_one_volume(run_2d3d, synth_data):
+    result = runner.invoke(app, ["chat", "--model", str(run_2d3d), "--image", str(images(synth_data)[0]),
                                  "--volume", str(volumes(synth_data)[0])])
     assert result.exit_code == 2 and "not both" in result.output
 
@@ -371,7 +366,7 @@ def test_body_limit_timeout_and_no_request_contents_in_the_logs(predictor, synth
 
 
 @pytest.mark.slow  # starts `medmvl serve` in its own Python and loads the model there
-def test_sigterm_finishes_the_request_in_flight_then_exits(run, predictor, synth_data, tmp_path):
+def test_sigterm_finishes_the_request_in_flight_then_exits(run_2d3d, predictor, synth_data, tmp_path):
     import os
     import signal
     import socket
@@ -386,7 +381,7 @@ def test_sigterm_finishes_the_request_in_flight_then_exits(run, predictor, synth
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    server = subprocess.Popen([sys.executable, "-m", "medmvl_cli", "serve", "--model", str(run), "--port", str(port)],
+    server = subprocess.Popen([sys.executable, "-m", "medmvl_cli", "serve", "--model", str(run_2d3d), "--port", str(port)],
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path,
                               env=dict(os.environ, HF_HUB_OFFLINE="1", TMPDIR=str(scratch)))
     try:

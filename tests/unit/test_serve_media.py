@@ -37,14 +37,14 @@ def test_uploads_are_named_and_keyed_by_content_and_removed_by_their_last_user(s
     a = store.prepare(chat(file_part(b"volume-bytes", "ct.nii.gz"), {"type": "text", "text": "q"}))
     b = store.prepare(chat(file_part(b"volume-bytes", "other-name.nii.gz")))
     c = store.prepare(chat(file_part(b"other-bytes", "ct.nii.gz")))
-    assert a.volumes == b.volumes and a.volume_keys == b.volume_keys != c.volume_keys
-    assert a.volumes[0].name.endswith(".nii.gz") and "ct" not in a.volumes[0].name  # no client file names on disk
-    assert a.messages == [{"role": "user", "content": [{"type": "volume"}, {"type": "text", "text": "q"}]}]
+    assert a.request.volumes == b.request.volumes and a.request.volume_keys == b.request.volume_keys != c.request.volume_keys
+    assert a.request.volumes[0].name.endswith(".nii.gz") and "ct" not in a.request.volumes[0].name  # no client file names on disk
+    assert a.request.messages == [{"role": "user", "content": [{"type": "volume"}, {"type": "text", "text": "q"}]}]
     store.release(a)
-    assert a.volumes[0].is_file()  # b still uses it
+    assert a.request.volumes[0].is_file()  # b still uses it
     store.release(b)
     store.release(c)
-    assert not a.volumes[0].exists() and not c.volumes[0].exists()
+    assert not a.request.volumes[0].exists() and not c.request.volumes[0].exists()
 
 
 def test_a_zipped_series_is_unpacked_flat_and_never_outside_its_folder(store, tmp_path):
@@ -54,7 +54,7 @@ def test_a_zipped_series_is_unpacked_flat_and_never_outside_its_folder(store, tm
         archive.writestr("/abs/path.dcm", b"y" * 10)
         archive.writestr("series/", b"")
     prepared = store.prepare(chat(file_part(buffer.getvalue(), "series.ZIP")))
-    (folder,) = prepared.volumes
+    (folder,) = prepared.request.volumes
     assert folder.is_dir() and folder.parent == store.root
     assert sorted(p.name for p in folder.iterdir()) == ["000000.dcm", "000001.dcm"]
     assert not (tmp_path / "escape.dcm").exists() and not list(store.root.parent.glob("escape.dcm"))
@@ -80,7 +80,7 @@ def test_local_files_only_under_the_allowed_root(store, tmp_path):
     (tmp_path / "secret.png").write_bytes(b"png")
     (allowed / "link.png").symlink_to(tmp_path / "secret.png")
     ok = store.prepare(chat({"type": "image_url", "image_url": {"url": (allowed / "film.png").as_uri()}}))
-    assert ok.images == [(allowed / "film.png").resolve()] and ok.held == []  # not copied, not deleted
+    assert ok.request.images == [(allowed / "film.png").resolve()] and ok.held == []  # not copied, not deleted
     for path in (tmp_path / "secret.png", allowed / "link.png", allowed / ".." / "secret.png"):
         with pytest.raises(APIError, match="outside --allowed-local-root"):
             store.prepare(chat({"type": "image_url", "image_url": {"url": "file://" + str(path)}}))
