@@ -8,7 +8,6 @@ import base64
 import io
 import json
 import zipfile
-from pathlib import Path
 
 import pytest
 
