@@ -114,7 +114,7 @@ def _configure_logging(level: int) -> None:
 def _register() -> None:
     # Imported here so that each group module stays independent of the root.
     from medmvl_cli.cli import config_cmd, data_cmd, env_cmd, eval_cmd, infer_cmd, quickstart_cmd, train_cmd
-    from medmvl_cli.cli import demo_cmd
+    from medmvl_cli.cli import chat_cmd, demo_cmd, serve_cmd
     from medmvl_cli.cli import export_cmd, import_cmd
 
     app.command("env", help="Versions, devices and optional parts present or absent.")(env_cmd.env)
@@ -126,6 +126,8 @@ def _register() -> None:
     app.command("eval")(eval_cmd.eval_predictions)
     app.command("quickstart")(quickstart_cmd.quickstart)
     app.command("demo")(demo_cmd.demo)
+    app.command("serve")(serve_cmd.serve)
+    app.command("chat")(chat_cmd.chat)
     app.command("export")(export_cmd.export)
     app.add_typer(import_cmd.app, name="import", help="Turn checkpoints of other toolkits (MedM-VL) into medmvl runs.")
 

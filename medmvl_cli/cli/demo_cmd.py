@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ipaddress
 import logging
 from typing import Annotated, Optional
 
@@ -38,12 +37,13 @@ def demo(
     from medmvl_cli.cli.options import limit_options
     from medmvl_cli.demo.app import launch, require_gradio
     from medmvl_cli.inference.generate import Predictor, resolve_model_dir
+    from medmvl_cli.serve.server import is_loopback
 
     require_gradio()  # before the minutes a large model takes to load
     err = Console(stderr=True)
     model_dir = resolve_model_dir(model)
     err.print(f"model: {model_dir}")
-    if not _is_loopback(host):
+    if not is_loopback(host):
         logger.warning("listening on %s: anyone who can reach this machine can use the model (the page has no login)", host)
     if share:
         logger.warning("--share: the page is published on a public gradio.live address")
@@ -58,11 +58,3 @@ def demo(
 
     launch(predictor, host=host, port=port, max_upload_mb=max_upload_mb, share=share, on_ready=ready, **limits)
 
-
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False

@@ -32,6 +32,11 @@ IGNORE_INDEX = -100
 IMAGE_TOKEN = "<image>"
 IMAGE3D_TOKEN = "<image3d>"
 PLACEHOLDERS: tuple[str, ...] = (IMAGE_TOKEN, IMAGE3D_TOKEN)
+# Typed content parts (HF processors' convention) and the placeholder each media part stands for.
+PART_PLACEHOLDERS = {"image": IMAGE_TOKEN, "volume": IMAGE3D_TOKEN}
+_PARTS_HINT = ('content is a string, or a list of parts: {"type": "text", "text": "..."}, {"type": "image"} '
+               '(a 2D image, rendered as <image>), {"type": "volume"} (a 3D volume, rendered as <image3d>); '
+               'media parts may carry "url" / "path" / "image" keys, which the template ignores')
 # Longest first, so "<image3d>" is never read as "<image>" followed by text.
 _PLACEHOLDER_RE = re.compile("(" + "|".join(re.escape(p) for p in sorted(PLACEHOLDERS, key=len, reverse=True)) + ")")
 
@@ -92,11 +97,38 @@ def normalize_conversation(conversations: list[dict], record_id: Optional[str] =
     return messages
 
 
+def content_text(content, where: str = "message") -> str:
+    """A message's ``content`` as the text the templates render.
+
+    A string is returned as it is. A list of typed parts is joined in order: a text part gives its
+    text, an ``image`` part ``<image>`` and a ``volume`` part ``<image3d>``, each followed by a
+    newline unless it is the last part, so ``[{"type": "image"}, {"type": "text", "text": q}]``
+    renders as ``<image>``, a newline and ``q``: the LLaVA / MedM-VL layout the models are trained on. The
+    Jinja templates apply the same rule (``_CONTENT_MACRO``).
+    """
+    if isinstance(content, str):
+        return content
+    if not isinstance(content, list):
+        raise DataError(f"{where}: content is {type(content).__name__}, not text or a list of parts", hint=_PARTS_HINT)
+    pieces = []
+    for i, part in enumerate(content):
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind == "text" and isinstance(part.get("text"), str):
+            pieces.append(part["text"])
+        elif kind in PART_PLACEHOLDERS:
+            pieces.append(PART_PLACEHOLDERS[kind] + ("\n" if i < len(content) - 1 else ""))
+        else:
+            shown = kind if kind is not None else type(part).__name__
+            raise DataError(f"{where}: content part {i} ({shown!r}) is not a text, image or volume part",
+                            hint=_PARTS_HINT)
+    return "".join(pieces)
+
+
 def count_placeholders(messages: list[dict]) -> dict[str, int]:
     """How many times each placeholder occurs in the conversation (any role)."""
     counts = dict.fromkeys(PLACEHOLDERS, 0)
-    for m in messages:
-        for p in _PLACEHOLDER_RE.findall(m.get("content") or ""):
+    for i, m in enumerate(messages):
+        for p in _PLACEHOLDER_RE.findall(content_text(m.get("content") or "", f"message {i}")):
             counts[p] += 1
     return counts
 
@@ -122,12 +154,15 @@ def _check_order(roles: list[str], where: str) -> None:
             )
 
 
-def _check_messages(messages: list[dict], add_generation_prompt: bool) -> None:
+def _text_messages(messages: list[dict], add_generation_prompt: bool) -> list[dict]:
+    """Checked messages with each ``content`` as text (typed parts rendered by ``content_text``)."""
     if not isinstance(messages, list):
         raise DataError("messages must be a list of {'role', 'content'} dicts", hint=_ROLE_HINT)
     for i, m in enumerate(messages):
-        if not isinstance(m, dict) or not isinstance(m.get("content"), str):
-            raise DataError(f"message {i} is not a {{'role', 'content'}} dict with text content", hint=_ROLE_HINT)
+        if not isinstance(m, dict) or not isinstance(m.get("content"), (str, list)):
+            raise DataError(f"message {i} is not a {{'role', 'content'}} dict with text or typed-part content",
+                            hint=_PARTS_HINT)
+    messages = [dict(m, content=content_text(m["content"], f"message {i}")) for i, m in enumerate(messages)]
     _check_order([m.get("role") for m in messages], "conversation")
     for i, m in enumerate(messages):
         if m["role"] != "user" and _PLACEHOLDER_RE.search(m["content"]):
@@ -140,6 +175,7 @@ def _check_messages(messages: list[dict], add_generation_prompt: bool) -> None:
             "a generation prompt needs a conversation that ends on a human turn",
             hint="drop the last assistant turn, or encode without add_generation_prompt",
         )
+    return messages
 
 
 # --------------------------------------------------------------------------- tokenisation
@@ -252,10 +288,11 @@ class ChatTemplate(ABC):
         """Input ids and labels of ``messages``; answers and their end tokens are the only labels.
 
         With ``add_generation_prompt`` the ids end with the assistant prefix (inference); the
-        conversation must then end on a user turn.
+        conversation must then end on a user turn. ``content`` is text or typed parts
+        (``content_text``).
         """
         placeholder_lengths = placeholder_lengths or {}
-        _check_messages(messages, add_generation_prompt)
+        messages = _text_messages(messages, add_generation_prompt)
         for token in self.required_tokens:
             _token_id(tokenizer, token, f"template {self.name!r} needs it")
         _warn_if_segmenting_changes_ids(tokenizer)
@@ -330,7 +367,7 @@ class FormatTemplate(ChatTemplate):
         return _fill(self.answer_format, self._clean(content))
 
     def jinja(self, tokenizer=None) -> str:
-        return self._jinja_bos(tokenizer) + self._jinja
+        return _CONTENT_MACRO + self._jinja_bos(tokenizer) + self._jinja
 
     def _segments(self, tokenizer, messages, add_generation_prompt):
         segments: list[tuple[str, bool]] = []
@@ -374,7 +411,7 @@ class PlainTemplate(ChatTemplate):
         return [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
 
     def jinja(self, tokenizer=None) -> str:
-        return self._jinja_bos(tokenizer) + PLAIN_JINJA
+        return _CONTENT_MACRO + self._jinja_bos(tokenizer) + PLAIN_JINJA
 
     def _segments(self, tokenizer, messages, add_generation_prompt):
         segments: list[tuple[str, bool]] = []
@@ -388,7 +425,28 @@ class PlainTemplate(ChatTemplate):
 
 # --------------------------------------------------------------------------- Jinja sources
 # Each renders exactly the segments above; {% generation %} marks the trained text so that
-# apply_chat_template(return_assistant_tokens_mask=True) gives the same mask.
+# apply_chat_template(return_assistant_tokens_mask=True) gives the same mask. Every template
+# starts with _CONTENT_MACRO, which renders a string or typed parts as content_text does.
+
+_CONTENT_MACRO = r"""{%- macro render_content(content) %}
+{%- if content is string %}
+{{- content }}
+{%- else %}
+{%- for part in content %}
+{%- if part['type'] == 'text' %}
+{{- part['text'] }}
+{%- elif part['type'] == 'image' or part['type'] == 'volume' %}
+{{- '<image>' if part['type'] == 'image' else '<image3d>' }}
+{%- if not loop.last %}
+{{- '\n' }}
+{%- endif %}
+{%- else %}
+{{- raise_exception('content parts are text, image or volume; got ' + part['type'] | string) }}
+{%- endif %}
+{%- endfor %}
+{%- endif %}
+{%- endmacro %}
+"""
 
 QWEN2_JINJA = r"""{%- for message in messages %}
 {%- if loop.first and messages[0]['role'] != 'system' %}
@@ -397,11 +455,11 @@ QWEN2_JINJA = r"""{%- for message in messages %}
 {%- if message['role'] == 'assistant' %}
 {{- '<|im_start|>assistant\n' }}
 {%- generation %}
-{{- message['content'] + '<|im_end|>' }}
+{{- render_content(message['content']) + '<|im_end|>' }}
 {%- endgeneration %}
 {{- '\n' }}
 {%- else %}
-{{- '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}
+{{- '<|im_start|>' + message['role'] + '\n' + render_content(message['content']) + '<|im_end|>\n' }}
 {%- endif %}
 {%- endfor %}
 {%- if add_generation_prompt %}
@@ -414,10 +472,10 @@ LLAMA3_JINJA = r"""{{- bos_token }}
 {%- if message['role'] == 'assistant' %}
 {{- '<|start_header_id|>assistant<|end_header_id|>\n\n' }}
 {%- generation %}
-{{- message['content'] | trim + '<|eot_id|>' }}
+{{- render_content(message['content']) | trim + '<|eot_id|>' }}
 {%- endgeneration %}
 {%- else %}
-{{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n' + message['content'] | trim + '<|eot_id|>' }}
+{{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n' + render_content(message['content']) | trim + '<|eot_id|>' }}
 {%- endif %}
 {%- endfor %}
 {%- if add_generation_prompt %}
@@ -427,13 +485,13 @@ LLAMA3_JINJA = r"""{{- bos_token }}
 
 PHI_JINJA = r"""{%- for message in messages %}
 {%- if message['role'] == 'system' %}
-{{- message['content'] | trim + '\n' }}
+{{- render_content(message['content']) | trim + '\n' }}
 {%- elif message['role'] == 'user' %}
-{{- 'Instruct: ' + message['content'] | trim + '\n' }}
+{{- 'Instruct: ' + render_content(message['content']) | trim + '\n' }}
 {%- else %}
 {{- 'Output:' }}
 {%- generation %}
-{{- ' ' + message['content'] | trim + '<|endoftext|>' }}
+{{- ' ' + render_content(message['content']) | trim + '<|endoftext|>' }}
 {%- endgeneration %}
 {{- '\n' }}
 {%- endif %}
@@ -447,11 +505,11 @@ PHI3_JINJA = r"""{%- for message in messages %}
 {%- if message['role'] == 'assistant' %}
 {{- '<|assistant|>\n' }}
 {%- generation %}
-{{- message['content'] + '<|end|>' }}
+{{- render_content(message['content']) + '<|end|>' }}
 {%- endgeneration %}
 {{- '\n' }}
 {%- else %}
-{{- '<|' + message['role'] + '|>\n' + message['content'] + '<|end|>\n' }}
+{{- '<|' + message['role'] + '|>\n' + render_content(message['content']) + '<|end|>\n' }}
 {%- endif %}
 {%- endfor %}
 {%- if add_generation_prompt %}
@@ -463,7 +521,7 @@ PHI3_JINJA = r"""{%- for message in messages %}
 
 PLAIN_JINJA = r"""{%- for message in messages %}
 {%- if message['role'] == 'user' %}
-{%- for part in message['content'].split('<image')[1:] %}
+{%- for part in render_content(message['content']).split('<image')[1:] %}
 {%- if part.startswith('3d>') %}
 {{- '<image3d>' }}
 {%- elif part.startswith('>') %}
@@ -472,14 +530,14 @@ PLAIN_JINJA = r"""{%- for message in messages %}
 {%- endfor %}
 {%- elif message['role'] == 'assistant' %}
 {%- generation %}
-{{- message['content'] | trim + eos_token }}
+{{- render_content(message['content']) | trim + eos_token }}
 {%- endgeneration %}
 {%- endif %}
 {%- endfor %}
 """
 
 _MEDMVL_JINJA = r"""{%- if messages[0]['role'] == 'system' %}
-{%- set system = messages[0]['content'] | trim %}
+{%- set system = render_content(messages[0]['content']) | trim %}
 {%- set loop_messages = messages[1:] %}
 {%- else %}
 {%- set system = "@SYSTEM@" %}
@@ -488,14 +546,14 @@ _MEDMVL_JINJA = r"""{%- if messages[0]['role'] == 'system' %}
 {{- system + ' ' }}
 {%- for message in loop_messages %}
 {%- if message['role'] == 'user' %}
-{{- 'USER: ' + message['content'] | trim + ' ' }}
+{{- 'USER: ' + render_content(message['content']) | trim + ' ' }}
 {%- if loop.last %}
 {{- 'ASSISTANT:' }}
 {%- endif %}
 {%- else %}
 {{- 'ASSISTANT:' }}
 {%- generation %}
-{{- ' ' + message['content'] | trim + '@EOS@' }}
+{{- ' ' + render_content(message['content']) | trim + '@EOS@' }}
 {%- endgeneration %}
 {%- endif %}
 {%- endfor %}

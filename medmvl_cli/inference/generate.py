@@ -62,6 +62,21 @@ class Request:
     messages: list[dict]
     images: list[Path] = field(default_factory=list)
     volumes: list[Path] = field(default_factory=list)
+    # Feature-cache keys, one per volume (e.g. a content hash); empty: each file's identity.
+    volume_keys: list[str] = field(default_factory=list)
+
+    def feature_keys(self) -> list[str]:
+        return list(self.volume_keys) if self.volume_keys else [file_identity(p) for p in self.volumes]
+
+
+def file_identity(path: Path) -> str:
+    """A volume's path with the size and modification time of its files: a file rewritten in
+    place gets a new key, so cached features never outlive the file they came from."""
+    from medmvl_cli.data.volume_io import source_files
+
+    resolved = Path(path).resolve()
+    stamps = [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in source_files(resolved)] if resolved.exists() else []
+    return f"{resolved}|{hash(tuple(stamps))}"
 
 
 def choose_model(model: Optional[str]) -> tuple[Path, str]:
@@ -181,12 +196,11 @@ class Predictor:
     def clear_feature_cache(self) -> None:
         self._volume_features.clear()
 
-    def _volume_embeds(self, paths: Sequence[Path]):
-        """(len(paths), tokens, llm_width) connector outputs; the volumes not in the cache are
-        read and encoded together, once each, and kept while they stay among the recent ones."""
+    def _volume_embeds(self, paths: Sequence[Path], keys: Sequence[str]):
+        """(len(paths), tokens, llm_width) connector outputs; the volumes whose keys are not in the
+        cache are read and encoded together, once each, and kept while they stay among the recent ones."""
         import torch
 
-        keys = [str(Path(p).resolve()) for p in paths]
         missing = list(dict.fromkeys(k for k in keys if k not in self._volume_features))
         fresh = {}
         if missing:
@@ -210,6 +224,13 @@ class Predictor:
     def generate(self, requests: Sequence[Request], settings: GenerationSettings,
                  streamer=None, use_feature_cache: bool = True) -> list[str]:
         """Answers for a batch of requests (left-padded), in order."""
+        output, _ = self.generate_ids(requests, settings, streamer=streamer, use_feature_cache=use_feature_cache)
+        return [self.tokenizer.decode(row, skip_special_tokens=True).strip() for row in output]
+
+    def generate_ids(self, requests: Sequence[Request], settings: GenerationSettings, streamer=None,
+                     use_feature_cache: bool = True, stopping_criteria=None):
+        """(generated ids (B, new), prompt lengths) for a batch of requests, left-padded.
+        ``stopping_criteria`` (an HF ``StoppingCriteriaList``) may end rows early (per-row limits)."""
         import torch
 
         prompts = [self.prompt_ids(r.messages) for r in requests]
@@ -226,16 +247,19 @@ class Predictor:
             extra["pixel_values"] = self.media.images(images).to(self.device, self.model.dtype)
         if volumes:
             if use_feature_cache:
-                extra["volume_embeds"] = self._volume_embeds(volumes)
+                keys = [k for r in requests for k in r.feature_keys()]
+                extra["volume_embeds"] = self._volume_embeds(volumes, keys)
             else:
                 extra["volumes"] = self.media.volumes(volumes).to(self.device, self.model.dtype)
                 self.volumes_encoded += len(volumes)
+        if stopping_criteria is not None:
+            extra["stopping_criteria"] = stopping_criteria
         with torch.no_grad():
             output = self.model.generate(
                 input_ids=input_ids.to(self.device), attention_mask=attention_mask.to(self.device),
                 streamer=streamer, **extra, **settings.kwargs(self.pad_token_id, self.stop_token_ids),
             )
-        return [self.tokenizer.decode(row, skip_special_tokens=True).strip() for row in output]
+        return output, [len(p) for p in prompts]
 
     def stream(self, request: Request, settings: GenerationSettings, on_text: Callable[[str], None]) -> str:
         """Generate one answer, calling `on_text` with each new piece of text as it is produced

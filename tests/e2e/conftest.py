@@ -38,6 +38,38 @@ train: {{epochs: 1, batch_size: 4, lr: 1.0e-3, logging_steps: 1, save_steps: 2, 
 """
 
 
+RECIPE_2D3D = """
+seed: 7
+output_dir: runs/tiny-2d3d
+model:
+  llm: {{preset: tiny-qwen2, max_length: 256, dtype: float32}}
+  image:
+    encoder: {{type: clip, preset: tiny, select_layer: -1}}
+    connector: {{type: mlp}}
+  image3d:
+    encoder: {{type: vit3d, preset: tiny, select_layer: 0}}
+    connector: {{type: spatial_pooling, pool: 2}}
+    volume: {{size: [16, 32, 32], crop_foreground: false}}
+data:
+  train: [{{annotations: {data}/train_2d.json}}, {{annotations: {data}/train_3d.json}}]
+  num_workers: 0
+  group_by_length: false
+train: {{max_steps: 4, batch_size: 4, lr: 3.0e-3, logging_steps: 1, save_steps: 1000, report_to: [none], gradient_checkpointing: false}}
+"""
+
+
+@pytest.fixture(scope="session")
+def run_2d3d(tmp_path_factory, synth_data) -> Path:
+    """A run with both branches (tiny CLIP + tiny 3D ViT + tiny-qwen2), trained a few steps."""
+    from medmvl_cli.config.loader import load_recipe
+    from medmvl_cli.engine.stages import train_stage
+
+    root = tmp_path_factory.mktemp("run-2d3d")
+    recipe = root / "tiny-2d3d.yaml"
+    recipe.write_text(RECIPE_2D3D.format(data=synth_data))
+    return Path(train_stage(load_recipe(recipe, []), quiet=True))
+
+
 @pytest.fixture(scope="session")
 def synth_data(tmp_path_factory) -> Path:
     """16 films and 16 volumes with the easy questions (train 12 / test 4 each)."""

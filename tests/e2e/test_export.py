@@ -286,6 +286,32 @@ def test_hf_llava_has_the_layout_transformers_saves(tmp_path, synth_data, encode
     assert torch.allclose(theirs, logits_of(ours.eval(), tokenizer, image_processor, image), atol=1e-4)
 
 
+@pytest.mark.parametrize("llm", ["tiny-llama", "tiny-qwen2"])
+def test_hf_llava_processor_takes_the_documented_typed_message_shape(tmp_path, synth_data, llm):
+    """transformers' LLaVA docs call `processor.apply_chat_template` on messages whose content is
+    a list of typed parts; the export gives the prompt ids and pixels medmvl infer gives."""
+    from transformers import AutoProcessor
+
+    from medmvl_cli.interop.export_hf import export_hf_llava
+
+    source = model_folder(tmp_path, SIGLIP_LLAMA.replace("tiny-llama", llm))
+    out = export_hf_llava(source, tmp_path / "llava")
+    image = sample_images(synth_data)[0]
+    question = PROMPT.removeprefix("<image>\n")
+    messages = [  # the shape of the transformers LLaVA documentation, with a local file as the url
+        {"role": "user", "content": [{"type": "image", "url": str(image)}, {"type": "text", "text": question}]},
+    ]
+    processor = AutoProcessor.from_pretrained(out)
+    inputs = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True,
+                                           return_tensors="pt")
+    predictor = Predictor(source)
+    assert inputs["input_ids"][0].tolist() == predictor.prompt_ids([{"role": "user", "content": PROMPT}])
+    torch.testing.assert_close(inputs["pixel_values"], predictor.media.images([image]))
+    # The tokenizer alone renders the same text for the string and the typed form.
+    as_text = processor.apply_chat_template([{"role": "user", "content": PROMPT}], add_generation_prompt=True, tokenize=False)
+    assert processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False) == as_text
+
+
 # What transformers 4.52-4.57's LlavaForConditionalGeneration._checkpoint_conversion_mapping does to
 # on-disk keys (before 4.52 the on-disk names were the module names themselves).
 TRANSFORMERS4_MAPPING = {

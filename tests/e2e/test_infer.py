@@ -28,38 +28,14 @@ from medmvl_cli.inference.predictions import ROW_KEYS, predict_file
 
 runner = CliRunner()
 
-RECIPE = """
-seed: 7
-output_dir: runs/tiny-2d3d
-model:
-  llm: {{preset: tiny-qwen2, max_length: 256, dtype: float32}}
-  image:
-    encoder: {{type: clip, preset: tiny, select_layer: -1}}
-    connector: {{type: mlp}}
-  image3d:
-    encoder: {{type: vit3d, preset: tiny, select_layer: 0}}
-    connector: {{type: spatial_pooling, pool: 2}}
-    volume: {{size: [16, 32, 32], crop_foreground: false}}
-data:
-  train: [{{annotations: {data}/train_2d.json}}, {{annotations: {data}/train_3d.json}}]
-  num_workers: 0
-  group_by_length: false
-train: {{max_steps: 4, batch_size: 4, lr: 3.0e-3, logging_steps: 1, save_steps: 1000, report_to: [none], gradient_checkpointing: false}}
-"""
 MAX_NEW = 6
 PRESENCE = "<image3d>\nIs there a lesion in the lungs on this CT?"
 REPORT = "<image3d>\nWrite a short report for this chest CT."
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory, synth_data) -> Path:
-    from medmvl_cli.config.loader import load_recipe
-    from medmvl_cli.engine.stages import train_stage
-
-    root = tmp_path_factory.mktemp("infer-run")
-    recipe = root / "tiny-2d3d.yaml"
-    recipe.write_text(RECIPE.format(data=synth_data))
-    return Path(train_stage(load_recipe(recipe, []), quiet=True))
+def run(run_2d3d) -> Path:
+    return run_2d3d
 
 
 @pytest.fixture(scope="module")

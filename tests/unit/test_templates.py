@@ -222,6 +222,70 @@ def test_ids_and_mask_equal_apply_chat_template(tokenizers, name, family, with_s
         assert [int(lab != IGNORE_INDEX) for lab in enc.labels] == mask
 
 
+# The typed-part form of MULTI_TURN (HF processors' convention) and of a volume question.
+def text(t):
+    return {"type": "text", "text": t}
+
+
+TYPED_MULTI_TURN = [
+    msg("user", [{"type": "image", "url": "film.png"}, text("Is there a pleural effusion?")]),
+    msg("assistant", [text("Yes, a small left pleural effusion.")]),
+    msg("user", [text("Is the heart enlarged?")]),
+    msg("assistant", "No, the heart size is normal."),
+    msg("user", [text("Where is the nodule?")]),
+    msg("assistant", [text("A 6 mm nodule "), text("in the right upper lobe (series 3, image 42).")]),
+]
+TYPED_CASES = [  # (typed content, the string it stands for)
+    ([{"type": "volume"}, text("Describe this scan.")], "<image3d>\nDescribe this scan."),
+    ([text("Compare "), {"type": "image"}, text("with the prior.")], "Compare <image>\nwith the prior."),
+    ([text("Describe this scan.\n"), {"type": "volume", "path": "ct.nii.gz"}], "Describe this scan.\n<image3d>"),
+    ([{"type": "image", "image": None}, {"type": "volume"}, text("any change?")], "<image>\n<image3d>\nany change?"),
+]
+
+
+@pytest.mark.parametrize("name,family", PAIRS)
+@pytest.mark.parametrize("with_system", [False, True])
+@pytest.mark.parametrize("generate", [False, True])
+def test_typed_parts_give_the_ids_and_mask_of_the_string_form(tokenizers, name, family, with_system, generate):
+    """Content as a list of typed parts encodes (in Python and through the Jinja template) to
+    exactly the ids and mask of the same conversation written as strings."""
+    tok, tmpl = tokenizers[family], get_template(name)
+    system = [msg("system", [text("Answer briefly.")])] if with_system else []
+    typed, plain = system + TYPED_MULTI_TURN, ([msg("system", "Answer briefly.")] if with_system else []) + MULTI_TURN
+    if generate:
+        typed, plain = typed[:-1], plain[:-1]
+    lengths = {"<image>": 1, "<image3d>": 1}
+    expected = tmpl.encode(tok, plain, lengths, add_generation_prompt=generate)
+    assert tmpl.encode(tok, typed, lengths, add_generation_prompt=generate) == expected
+    ids, mask = hf_ids(tok, tmpl, typed, add_generation_prompt=generate)
+    assert ids == expected.input_ids
+    assert [int(lab != IGNORE_INDEX) for lab in expected.labels] == mask
+
+
+@pytest.mark.parametrize("name,family", PAIRS)
+@pytest.mark.parametrize("typed,string", TYPED_CASES)
+def test_image_and_volume_parts_render_as_their_placeholders(tokenizers, name, family, typed, string):
+    tok, tmpl = tokenizers[family], get_template(name)
+    as_parts, as_text = [msg("user", typed), msg("assistant", "Normal.")], [msg("user", string), msg("assistant", "Normal.")]
+    assert tmpl.encode(tok, as_parts, LENGTHS) == tmpl.encode(tok, as_text, LENGTHS)
+    assert count_placeholders(as_parts) == count_placeholders(as_text)
+    assert hf_ids(tok, tmpl, as_parts) == hf_ids(tok, tmpl, as_text)
+
+
+@pytest.mark.parametrize("content", [
+    [{"type": "audio"}], [{"text": "no type"}], ["a bare string"], [{"type": "text", "text": 3}], {"type": "text"},
+])
+def test_unknown_parts_are_refused(tokenizers, content):
+    tok, tmpl = tokenizers["qwen2"], get_template("qwen2")
+    with pytest.raises(DataError, match="message 0"):
+        tmpl.encode(tok, [msg("user", content)], LENGTHS, add_generation_prompt=True)
+    if isinstance(content, list) and isinstance(content[0], dict) and "type" in content[0] and content[0]["type"] != "text":
+        from jinja2.exceptions import TemplateError
+
+        with pytest.raises(TemplateError, match="text, image or volume"):
+            hf_ids(tok, tmpl, [msg("user", content)], add_generation_prompt=True)
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_native_template_is_the_one_shipped_with_the_tokenizer(tokenizers, family):
     tok, tmpl = tokenizers[family], get_template(family)
