@@ -45,7 +45,8 @@ def _print_table(console, report) -> None:
     table.add_column("metric")
     table.add_column("value", justify="right")
     table.add_column("n", justify="right")
-    for result in report.metrics:
+    # The metrics that apply to this file first; those it gives no value for after them.
+    for result in sorted(report.metrics, key=lambda r: r.value is None):
         if result.value is not None:
             value = f"{result.value:.4f}"
         else:
@@ -55,7 +56,7 @@ def _print_table(console, report) -> None:
     c = report.counts
     lines = [
         f"{report.predictions}: {c['rows']} rows, {c['scored']} scored "
-        f"({c['closed']} closed, {c['choice']} of them multiple choice, {c['open']} open), "
+        f"({c['closed']} closed: {c['yes_no']} yes/no, {c['choice']} multiple choice; {c['open']} open), "
         f"{c['errors']} with an error, {c['no_answer']} without an answer",
         *(f"{r.label}: not computed, {r.reason}" for r in report.metrics if r.value is None and r.n),
     ]

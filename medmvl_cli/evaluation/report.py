@@ -113,7 +113,8 @@ def score_rows(rows: list[PredictionRow], source: Path | None = None, meteor=Non
     bert_reason = tm.bertscore_unavailable_reason() if bertscore else "not computed while training"
     samples: list[dict] = []
     open_pairs: list[tuple[dict, str, str]] = []  # for BERTScore, batched at the end
-    counts = {"rows": len(rows), "scored": 0, "errors": 0, "no_answer": 0, "closed": 0, "open": 0, "choice": 0}
+    counts = {"rows": len(rows), "scored": 0, "errors": 0, "no_answer": 0, "closed": 0, "open": 0, "choice": 0,
+              "yes_no": 0}
     for row in rows:
         sample = {"line": row.line, "id": row.id}
         samples.append(sample)
@@ -131,6 +132,8 @@ def score_rows(rows: list[PredictionRow], source: Path | None = None, meteor=Non
         counts["closed" if kind == "choice" else kind] += 1  # choice questions are closed ones
         if kind == "choice" or "choice_correct" in sample:
             counts["choice"] += 1
+        if "closed_hit" in sample and m.is_yes_no(row.answer):
+            counts["yes_no"] += 1
         if sample["question_type"] == "open":
             open_pairs.append((sample, row.prediction.strip(), row.answer.strip()))
     if open_pairs and bert_reason is None:
@@ -211,6 +214,10 @@ def _aggregate(samples: list[dict], counts: dict, meteor_reason: str | None, ber
             n = len(values)
             if not values:
                 reason = _empty_reason(key)
+            elif key.startswith("closed") and not counts["yes_no"]:
+                # LLaVA-Med's rule credits only predictions holding "yes" / "no": over closed
+                # questions none of which is yes/no it would be a 0 that means "not applicable".
+                reason = "no yes/no questions among the closed ones (LLaVA-Med's rule is for yes/no)"
         value = sum(values) / len(values) if values and reason is None else None
         results.append(MetricResult(key, label, value, n, reason))
     return results

@@ -40,7 +40,8 @@ def test_json_output(preds):
     result = CliRunner().invoke(app, ["eval", str(preds), "--json"])
     assert result.exit_code == 0, result.output
     out = json.loads(result.stdout)
-    assert out["counts"] == {"rows": 5, "scored": 4, "errors": 1, "no_answer": 0, "closed": 3, "open": 1, "choice": 1}
+    assert out["counts"] == {"rows": 5, "scored": 4, "errors": 1, "no_answer": 0, "closed": 3, "open": 1, "choice": 1,
+                             "yes_no": 2}
     assert out["metrics"]["closed_accuracy"] == {
         "label": "closed accuracy (LLaVA-Med)", "value": 0.5, "n": 2, "computed": True, "reason": None,
     }
@@ -84,3 +85,21 @@ def test_help_has_an_example():
     result = CliRunner().invoke(app, ["eval", "--help"], env={"COLUMNS": "200"})
     assert result.exit_code == 0
     assert "medmvl eval" in result.stdout and "--json" in result.stdout
+
+
+def test_the_table_leads_with_what_applies_and_never_scores_non_yes_no_closed_questions_zero(tmp_path):
+    """Closed questions whose answers are not yes/no (which quadrant, which lung): LLaVA-Med's closed
+    rule would give 0.0 for right answers, so it is listed as not applicable, below the metrics that apply."""
+    rows = [{"id": f"q{i}", "prompt": "Which lung?", "prediction": answer, "answer": "left lung",
+             "question_type": "closed", "model": "m"} for i, answer in enumerate(["left lung", "left lung", "right lung"])]
+    preds = tmp_path / "quadrants.jsonl"
+    preds.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    out = json.loads(CliRunner().invoke(app, ["eval", str(preds), "--json"]).stdout)
+    closed = out["metrics"]["closed_accuracy"]
+    assert closed["value"] is None and closed["n"] == 3 and "yes/no" in closed["reason"]
+    assert out["counts"]["closed"] == 3 and out["counts"]["yes_no"] == 0
+    table = CliRunner().invoke(app, ["eval", str(preds)], env={"COLUMNS": "160"}).stdout
+    lines = [line for line in table.splitlines() if "│" in line]
+    assert "exact match" in lines[0] and "0.6667" in lines[0]  # the first metric row is one that applies
+    assert "closed accuracy (LLaVA-Med)" in table and "0.0000" not in table
+    assert "3 closed: 0 yes/no" in table

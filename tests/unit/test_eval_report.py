@@ -37,7 +37,8 @@ def write_jsonl(path, rows):
 
 def test_counts_and_averages(tmp_path):
     report = evaluate_predictions(write_jsonl(tmp_path / "preds.jsonl", ROWS))
-    assert report.counts == {"rows": 7, "scored": 5, "errors": 1, "no_answer": 1, "closed": 4, "open": 1, "choice": 2}
+    assert report.counts == {"rows": 7, "scored": 5, "errors": 1, "no_answer": 1, "closed": 4, "open": 1, "choice": 2,
+                             "yes_no": 2}
     assert report.models == ["m1"]
     closed = report.metric("closed_accuracy")
     assert (closed.value, closed.n) == (1.0, 2)  # q2 is a hit: "no" inside "nodule"
