@@ -141,6 +141,10 @@ class Predictor:
         model, tokenizer, image_processor = load_model(self.model_dir, merge_lora=True)
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self._attach(model.to(device).eval(), tokenizer, image_processor, feature_cache_size, max_voxels, max_pixels)
+        from medmvl_cli.inference.prefix_cache import PrefixStore
+
+        # Loaded weights never change: prefixes may outlive a batch (not so for `for_model`).
+        self._prefix_store = PrefixStore()
 
     @classmethod
     def for_model(cls, model, tokenizer, image_processor, name: str, feature_cache_size: int = 64,
@@ -179,6 +183,7 @@ class Predictor:
         self.cache_hits = 0
         self.volumes_encoded = 0
         self.prefix_tokens_reused = 0
+        self._prefix_store = None
 
     @property
     def name(self) -> str:
@@ -196,7 +201,10 @@ class Predictor:
                                     add_generation_prompt=True).input_ids
 
     def clear_feature_cache(self) -> None:
+        """Forget the cached volume features and the stored prompt prefixes."""
         self._volume_features.clear()
+        if self._prefix_store is not None:
+            self._prefix_store.clear()
 
     def _volume_embeds(self, paths: Sequence[Path], keys: Sequence[str]):
         """(len(paths), tokens, llm_width) connector outputs; the volumes whose keys are not in the
@@ -235,7 +243,8 @@ class Predictor:
         """(generated ids (B, new), prompt lengths) for a batch of requests, left-padded.
         ``stopping_criteria`` (an HF ``StoppingCriteriaList``) may end rows early (per-row limits).
         ``reuse_prefix``: questions about the same media prefill their shared prompt prefix once
-        (`prefix_cache.py`; the same answers, faster); not with beam search."""
+        (`prefix_cache.py`; the same answers, faster), and a loaded model keeps the last prefix of
+        the most recent media for later batches; not with beam search."""
         import torch
 
         from medmvl_cli.inference.prefix_cache import generate_with_plan, plan_shared_prefixes
@@ -254,15 +263,16 @@ class Predictor:
             generation["stopping_criteria"] = stopping_criteria
         plan = None
         if reuse_prefix and settings.num_beams == 1:
-            plan = plan_shared_prefixes(prompts, [self._media_key(r, use_feature_cache) for r in requests])
+            keys = [self._media_key(r, use_feature_cache) for r in requests]
+            plan = plan_shared_prefixes(prompts, keys, self._prefix_store)
         with torch.no_grad():
             if plan is None:
                 output = self.model.generate(input_ids=input_ids, attention_mask=attention_mask,
                                              streamer=streamer, **media, **generation)
             else:
                 self.prefix_tokens_reused += plan.tokens_saved()
-                output = generate_with_plan(self.model, plan, self.model.embed_inputs(input_ids, **media),
-                                            attention_mask, streamer=streamer, **generation)
+                output = generate_with_plan(self.model, plan, self.model.embed_inputs(input_ids, **media), attention_mask,
+                                            self._prefix_store, prompts, streamer=streamer, **generation)
         return output, [len(p) for p in prompts]
 
     def _media_inputs(self, requests: Sequence[Request], use_feature_cache: bool) -> dict:

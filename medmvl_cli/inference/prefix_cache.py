@@ -6,7 +6,8 @@ are grouped by their media (the same volumes and images, hence the same features
 prefix is the longest run of ids its prompts share from the start, less at least one token so
 every row has a suffix to generate from. The prefixes are prefilled once per group into a
 `DynamicCache`, whose rows are then repeated for the group's questions, as vLLM's automatic prefix
-caching does.
+caching does. A `PrefixStore` keeps each media's last prefix for later batches (a volume's
+questions split over two batches, or asked one at a time): they reuse the run of it they share.
 
 Layout: prefixes are left-padded to the longest prefix, suffixes left-padded after it, so a row
 reads `[pads, prefix][pads, suffix]`; the attention mask hides both runs of pads and positions are
@@ -16,42 +17,90 @@ the keys it attends to and hence the answer it has in the plain left-padded batc
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Hashable, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+
+Layers = list[tuple]  # per LLM layer: (keys, values), each (1, kv_heads, P, head_dim)
+
+
+class PrefixStore:
+    """The last prefix prefilled for each media key (its ids and keys / values), the most recent
+    `size` keys: a later batch asking about the same media reuses as much of it as its prompts
+    share (a batch of one question too), as vLLM's prefix cache outlives a request."""
+
+    def __init__(self, size: int = 32):
+        self.size = size
+        self._entries: OrderedDict[Hashable, tuple[list[int], Layers]] = OrderedDict()
+
+    def lookup(self, key: Hashable, prompts: list[Sequence[int]]) -> Optional[tuple[int, Layers]]:
+        """(P, its layers) for the longest stored run of ids that every prompt starts with, less
+        at least one token per prompt; None when there is none."""
+        if key not in self._entries:
+            return None
+        ids, layers = self._entries[key]
+        shared = min(_common_prefix_length([ids, *prompts]), min(len(p) for p in prompts) - 1)
+        if shared <= 0:
+            return None
+        self._entries.move_to_end(key)
+        return shared, [(k[:, :, :shared], v[:, :, :shared]) for k, v in layers]
+
+    def put(self, key: Hashable, ids: list[int], layers: Layers) -> None:
+        self._entries[key] = (ids, layers)
+        self._entries.move_to_end(key)
+        while len(self._entries) > self.size:
+            self._entries.popitem(last=False)
+
+    def clear(self) -> None:
+        self._entries.clear()
 
 
 @dataclass
 class PrefixPlan:
-    """Which rows share a prefix: `group_of_row[r]` indexes `prefix_lengths` and `first_row`
-    (the row whose embeddings stand for its group's prefix)."""
+    """Which rows share a prefix: `group_of_row[r]` indexes the per-group lists. A group's prefix
+    is `prefix_lengths[g]` tokens of row `first_row[g]`; `stored[g]` holds its keys / values when
+    a `PrefixStore` had them, else it is prefilled; `keys[g]` is the group's media key."""
 
     group_of_row: list[int]
     prefix_lengths: list[int]
     first_row: list[int]
+    keys: list[Hashable]
+    stored: list[Optional[Layers]]
 
     def tokens_saved(self) -> int:
-        """Prefix tokens not computed again: each group's prefix, once per row beyond the first."""
-        return sum(self.prefix_lengths[g] for g in self.group_of_row) - sum(self.prefix_lengths)
+        """Prefix tokens not computed again: each group's prefix once per row, less once for the
+        groups that are prefilled."""
+        fresh = sum(p for p, s in zip(self.prefix_lengths, self.stored) if s is None)
+        return sum(self.prefix_lengths[g] for g in self.group_of_row) - fresh
 
 
-def plan_shared_prefixes(prompts: Sequence[Sequence[int]], media: Sequence[Hashable]) -> Optional[PrefixPlan]:
-    """A plan when some rows share their media (a non-empty key) and a prefix; None otherwise
-    (nothing to reuse: the plain batch is as fast)."""
+def plan_shared_prefixes(prompts: Sequence[Sequence[int]], media: Sequence[Hashable],
+                         store: Optional[PrefixStore] = None) -> Optional[PrefixPlan]:
+    """A plan when some rows with media (a non-empty key) share it and a prefix, or a `store`
+    holds a prefix of theirs or will keep one; None otherwise (the plain batch is as fast)."""
     groups: dict[Hashable, list[int]] = {}
     for row, key in enumerate(media):
         groups.setdefault(key if key else ("row", row), []).append(row)
-    if all(len(rows) == 1 for rows in groups.values()):
-        return None
-    group_of_row, prefix_lengths, first_row = [0] * len(prompts), [], []
-    for g, rows in enumerate(groups.values()):
-        shortest = min(len(prompts[r]) for r in rows)
-        shared = _common_prefix_length([prompts[r] for r in rows])
-        prefix_lengths.append(min(shared, shortest - 1))
-        first_row.append(rows[0])
+    plan = PrefixPlan([0] * len(prompts), [], [], [], [])
+    for g, (key, rows) in enumerate(groups.items()):
+        rows_prompts = [prompts[r] for r in rows]
+        found = store.lookup(key, rows_prompts) if store is not None and media[rows[0]] else None
+        if found is None:
+            length = min(_common_prefix_length(rows_prompts), min(len(p) for p in rows_prompts) - 1)
+        else:
+            length = found[0]
+        plan.prefix_lengths.append(length)
+        plan.first_row.append(rows[0])
+        plan.keys.append(key if media[rows[0]] else None)
+        plan.stored.append(None if found is None else found[1])
         for r in rows:
-            group_of_row[r] = g
-    plan = PrefixPlan(group_of_row, prefix_lengths, first_row)
-    return plan if plan.tokens_saved() > 0 else None
+            plan.group_of_row[r] = g
+    will_store = store is not None and any(k is not None and p > 0 for k, p in zip(plan.keys, plan.prefix_lengths))
+    return plan if plan.tokens_saved() > 0 or will_store else None
 
 
 def _common_prefix_length(prompts: list[Sequence[int]]) -> int:
@@ -65,30 +114,63 @@ def _common_prefix_length(prompts: list[Sequence[int]]) -> int:
     return length
 
 
-def generate_with_plan(model, plan: PrefixPlan, inputs_embeds, attention_mask, **generation_kwargs):
-    """(B, new) generated ids for the left-padded batch `inputs_embeds` (B, L, width) /
-    `attention_mask` (B, L), each group's prefix prefilled once (see the module doc)."""
-    import torch
+def _prefill_groups(model, plan: PrefixPlan, groups: list[int], inputs_embeds, lengths: list[int]) -> list[Layers]:
+    """Each of `groups`' prefixes (taken from the left-padded batch `inputs_embeds`) prefilled in
+    one left-padded batch -> their keys / values without the padding."""
+    longest = max(plan.prefix_lengths[g] for g in groups)
+    embeds = inputs_embeds.new_zeros((len(groups), longest, inputs_embeds.shape[-1]))
+    mask = inputs_embeds.new_zeros((len(groups), longest), dtype=torch.long)
+    for i, g in enumerate(groups):
+        row, p = plan.first_row[g], plan.prefix_lengths[g]
+        start = inputs_embeds.shape[1] - lengths[row]
+        embeds[i, longest - p:] = inputs_embeds[row, start:start + p]
+        mask[i, longest - p:] = 1
+    cache = model.prefill(embeds, mask)
+    layers = [(layer.keys, layer.values) for layer in cache.layers]
+    return [[(k[i:i + 1, :, longest - plan.prefix_lengths[g]:], v[i:i + 1, :, longest - plan.prefix_lengths[g]:])
+             for k, v in layers] for i, g in enumerate(groups)]
 
+
+def _batch_cache(model, per_group: list[Layers], plan: PrefixPlan, rows):
+    """A DynamicCache (B, kv_heads, longest prefix, head_dim) a layer: each row's group prefix,
+    left-padded with zeros (the attention mask hides them)."""
+    from transformers import DynamicCache
+
+    longest = max(plan.prefix_lengths)
+    cache = DynamicCache(config=model.llm.config)
+    for index in range(len(per_group[0])):
+        keys, values = [], []
+        for g, layers in enumerate(per_group):
+            k, v = layers[index]
+            pad = (0, 0, longest - plan.prefix_lengths[g], 0)
+            keys.append(F.pad(k, pad))
+            values.append(F.pad(v, pad))
+        cache.update(torch.cat(keys)[rows], torch.cat(values)[rows], index)
+    return cache
+def generate_with_plan(model, plan: PrefixPlan, inputs_embeds, attention_mask, store: Optional[PrefixStore] = None,
+                       prompts: Optional[Sequence[Sequence[int]]] = None, **generation_kwargs):
+    """(B, new) generated ids for the left-padded batch `inputs_embeds` (B, L, width) /
+    `attention_mask` (B, L), each group's prefix prefilled once or taken from `store` (see the
+    module doc); the prefixes prefilled are kept in `store` (with their ids from `prompts`)."""
     lengths = attention_mask.sum(-1).tolist()  # rows are left-padded: row r's tokens are its last lengths[r]
-    width, total = inputs_embeds.shape[-1], inputs_embeds.shape[1]
-    longest_prefix = max(plan.prefix_lengths)
-    longest_suffix = max(n - plan.prefix_lengths[g] for n, g in zip(lengths, plan.group_of_row))
-    prefix_embeds = inputs_embeds.new_zeros((len(plan.first_row), longest_prefix, width))
-    prefix_mask = attention_mask.new_zeros((len(plan.first_row), longest_prefix))
-    for g, (row, p) in enumerate(zip(plan.first_row, plan.prefix_lengths)):
-        start = total - lengths[row]
-        prefix_embeds[g, longest_prefix - p:] = inputs_embeds[row, start:start + p]
-        prefix_mask[g, longest_prefix - p:] = 1
-    cache = model.prefill(prefix_embeds, prefix_mask)
+    per_group: list[Optional[Layers]] = list(plan.stored)
+    fresh = [g for g, layers in enumerate(per_group) if layers is None]
+    if fresh:
+        for g, layers in zip(fresh, _prefill_groups(model, plan, fresh, inputs_embeds, lengths)):
+            per_group[g] = layers
+            if store is not None and plan.keys[g] is not None and plan.prefix_lengths[g] > 0:
+                store.put(plan.keys[g], list(prompts[plan.first_row[g]][:plan.prefix_lengths[g]]), layers)
     rows = torch.tensor(plan.group_of_row, device=inputs_embeds.device)
-    cache.batch_select_indices(rows)  # each group's keys and values, once per question of the group
+    cache = _batch_cache(model, per_group, plan, rows)
 
     # The prefix part of these embeddings is never read: `generate` starts after the cache.
-    embeds = inputs_embeds.new_zeros((len(lengths), longest_prefix + longest_suffix, width))
-    mask = torch.cat([prefix_mask[rows], attention_mask.new_zeros((len(lengths), longest_suffix))], dim=1)
+    longest_prefix, total = max(plan.prefix_lengths), inputs_embeds.shape[1]
+    longest_suffix = max(n - plan.prefix_lengths[g] for n, g in zip(lengths, plan.group_of_row))
+    embeds = inputs_embeds.new_zeros((len(lengths), longest_prefix + longest_suffix, inputs_embeds.shape[-1]))
+    mask = attention_mask.new_zeros((len(lengths), longest_prefix + longest_suffix))
     for r, (n, g) in enumerate(zip(lengths, plan.group_of_row)):
-        suffix = n - plan.prefix_lengths[g]
+        prefix, suffix = plan.prefix_lengths[g], n - plan.prefix_lengths[g]
+        mask[r, longest_prefix - prefix:longest_prefix] = 1
         embeds[r, embeds.shape[1] - suffix:] = inputs_embeds[r, total - suffix:]
         mask[r, mask.shape[1] - suffix:] = 1
     return model.generate(inputs_embeds=embeds, attention_mask=mask, cache=cache, **generation_kwargs)

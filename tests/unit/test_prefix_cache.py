@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from medmvl_cli.inference.prefix_cache import generate_with_plan, plan_shared_prefixes
+from medmvl_cli.inference.prefix_cache import PrefixStore, generate_with_plan, plan_shared_prefixes
 from tests.unit.test_lvlm import BOTH, ids_for, left_pad, make
 
 
@@ -30,14 +30,29 @@ def test_the_plan_groups_rows_by_media_and_keeps_a_suffix_for_each():
     assert plan_shared_prefixes([[1, 2], [1, 2]], [(), ()]) is None
 
 
-def _generate(model, tokenizer, rows, media: dict, plan=None):
+def test_a_store_serves_the_run_a_later_prompt_shares():
+    store = PrefixStore(size=1)
+    layer = (torch.arange(5.0).view(1, 1, 5, 1), -torch.arange(5.0).view(1, 1, 5, 1))
+    store.put(("a",), [1, 2, 3, 4, 5], [layer])
+    assert store.lookup(("b",), [[1, 2, 3]]) is None
+    shared, layers = store.lookup(("a",), [[1, 2, 3, 9, 9], [1, 2, 3, 4]])
+    assert shared == 3 and layers[0][0].flatten().tolist() == [0, 1, 2]
+    plan = plan_shared_prefixes([[1, 2, 7]], [("a",)], store)  # one question: its prefix comes from the store
+    assert plan.prefix_lengths == [2] and plan.stored[0] is not None and plan.tokens_saved() == 2
+    fresh = plan_shared_prefixes([[8, 9, 7]], [("c",)], store)  # nothing stored: prefilled, to be kept
+    assert fresh.prefix_lengths == [2] and fresh.stored == [None] and fresh.tokens_saved() == 0
+    store.put(("c",), [8, 9], [layer])
+    assert store.lookup(("a",), [[1, 2, 3]]) is None  # size 1: the older media was dropped
+
+
+def _generate(model, tokenizer, rows, media: dict, plan=None, store=None):
     ids, mask = left_pad(rows, tokenizer.pad_token_id)
     kwargs = dict(max_new_tokens=8, do_sample=False, temperature=None, top_p=None, top_k=None,
                   pad_token_id=tokenizer.pad_token_id, eos_token_id=None, min_new_tokens=8,
                   return_dict_in_generate=True, output_logits=True)
     if plan is None:
         return model.generate(input_ids=ids, attention_mask=mask, **media, **kwargs)
-    return generate_with_plan(model, plan, model.embed_inputs(ids, **media), mask, **kwargs)
+    return generate_with_plan(model, plan, model.embed_inputs(ids, **media), mask, store, rows, **kwargs)
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
@@ -67,3 +82,15 @@ def test_prefix_reuse_gives_the_plain_batch_answers_and_logits(both, seed):
         for a, b in zip(plain.logits, reused.logits, strict=True):
             torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
         assert (plain.logits[0][0] - plain.logits[0][1]).abs().max() > 1e-3  # the rows do differ
+
+    # One question at a time, the prefix kept from one call to the next (batch size 1).
+    store = PrefixStore()
+    rows, media = volume_rows[:3], volume_embeds[:1]
+    for i, row in enumerate(rows):
+        plan = plan_shared_prefixes([row], [("a",)], store)
+        assert (plan.stored[0] is None) == (i == 0)
+        plain = _generate(model, tokenizer, [row], {"volume_embeds": media})
+        reused = _generate(model, tokenizer, [row], {"volume_embeds": media}, plan, store)
+        assert torch.equal(plain.sequences, reused.sequences)
+        for a, b in zip(plain.logits, reused.logits, strict=True):
+            torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
