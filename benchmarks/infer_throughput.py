@@ -290,7 +290,7 @@ def main(argv: list[str] | None = None, out_stream=None) -> dict:
             run.pop("_rows")
         peak = matmul_peak_gflops()
         decode = {f"batch_{b}": decode_step(model_dir, files[dims[0]], settings, b, max(peak_before, peak))
-                  for b in sorted({batch_sizes[0], batch_sizes[-1]})}
+                  for b in sorted({min(batch_sizes), max(batch_sizes)})}
     out = {
         "benchmark": "infer_throughput",
         "quick": args.quick, "rounds_fastest_kept": args.rounds,
