@@ -263,7 +263,7 @@ class Predictor:
             generation["stopping_criteria"] = stopping_criteria
         plan = None
         if reuse_prefix and settings.num_beams == 1:
-            keys = [self._media_key(r, use_feature_cache) for r in requests]
+            keys = [self._media_key(r) for r in requests]
             plan = plan_shared_prefixes(prompts, keys, self._prefix_store)
         with torch.no_grad():
             if plan is None:
@@ -293,12 +293,12 @@ class Predictor:
         return media
 
     @staticmethod
-    def _media_key(request: Request, use_feature_cache: bool) -> tuple:
-        """What a request's media are: questions with equal keys see the same features."""
+    def _media_key(request: Request) -> tuple:
+        """What a request's media are, files rewritten in place included: questions with equal
+        keys see the same features (empty without media)."""
         if not (request.images or request.volumes):
             return ()
-        volumes = request.feature_keys() if use_feature_cache else [str(Path(p).resolve()) for p in request.volumes]
-        return tuple(str(Path(p).resolve()) for p in request.images), tuple(volumes)
+        return tuple(file_identity(p) for p in request.images), tuple(request.feature_keys())
 
     def stream(self, request: Request, settings: GenerationSettings, on_text: Callable[[str], None]) -> str:
         """Generate one answer, calling `on_text` with each new piece of text as it is produced
