@@ -21,9 +21,13 @@ per token) against the fp32 matmul peak measured in the same run.
     python benchmarks/infer_throughput.py [--quick] [--files 16] [--questions-per-file 4] [--new-tokens 32]
                                           [--batch-sizes 1,8,32] [--dims 3d,2d] [--rounds 1]
                                           [--source-size 64,256,256] [--no-feature-cache-runs]
+                                          [--features read|precomputed]
 
 On a shared machine pass --rounds 2 or 3: configurations then run round-robin and each keeps its
 fastest round. `--no-feature-cache-runs` adds 3D runs that encode the volume for every question.
+`--features precomputed` reads and encodes every volume before the clock starts: items/s then
+measures what prefix reuse changes (the LLM's prefill and decode); with the small models here,
+reading and resampling the volumes otherwise takes most of the time.
 
 Prints one JSON object on stdout; logs go to stderr.
 """
@@ -153,15 +157,22 @@ def stage_times(predictor, volumes: list[Path]) -> dict:
 
 
 def run_config(model_dir: Path, annotations: Path, out: Path, settings, batch_size: int, cache: bool,
-               prefix: bool) -> dict:
+               prefix: bool, precompute: bool) -> dict:
     from medmvl_cli.data.annotations import AnnotationFile, default_root, parse_record
     from medmvl_cli.inference.generate import Predictor
     from medmvl_cli.inference.predictions import predict_file, to_question
 
     predictor = Predictor(model_dir)
-    first_record = parse_record(next(iter(AnnotationFile(annotations))))
-    first = to_question(first_record, default_root(annotations, None), default_root(annotations, None))
-    predictor.generate([first.request], settings, use_feature_cache=False)  # warm-up; leaves the cache empty
+    root = default_root(annotations, None)
+    questions = [to_question(parse_record(r), root, root) for r in AnnotationFile(annotations)]
+    one = type(settings)(max_new_tokens=1)
+    # Warm-up (leaves the cache empty), or every volume read and encoded before the clock starts;
+    # neither keeps a prompt prefix.
+    warm = {str(q.request.volumes): q.request for q in questions} if precompute and cache else {}
+    predictor.generate([questions[0].request], one, use_feature_cache=bool(warm))
+    for request in warm.values():
+        predictor.generate([request], one)
+    predictor.cache_hits = 0
     start = time.perf_counter()
     counts = predict_file(predictor, annotations, out, settings, batch_size=batch_size, overwrite=True,
                           use_feature_cache=cache, reuse_prefix=prefix)
@@ -246,6 +257,9 @@ def main(argv: list[str] | None = None, out_stream=None) -> dict:
                         help="D,H,W of the synthetic CT files (preprocessed to 32,128,128 when read)")
     parser.add_argument("--no-feature-cache-runs", action="store_true",
                         help="also 3D runs that encode the volume for every question")
+    parser.add_argument("--features", choices=["read", "precomputed"], default="read",
+                        help="read: files are read and encoded inside the timed run (end to end); precomputed: "
+                             "before it, so items/s measures the LLM's prefill and decode")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s: %(message)s")
 
@@ -277,7 +291,8 @@ def main(argv: list[str] | None = None, out_stream=None) -> dict:
         runs: dict[str, dict] = {}
         for round_ in range(args.rounds):
             for key, dim, batch_size, cache, prefix in configurations(dims, batch_sizes, args.no_feature_cache_runs):
-                run = run_config(model_dir, files[dim], folder / f"{key}.jsonl", settings, batch_size, cache, prefix)
+                run = run_config(model_dir, files[dim], folder / f"{key}.jsonl", settings, batch_size, cache, prefix,
+                                 args.features == "precomputed")
                 logger.info("round %d, %s: %.3f items/s", round_ + 1, key, run["items_per_s"])
                 if key not in runs or run["items_per_s"] > runs[key]["items_per_s"]:
                     runs[key] = run
@@ -297,7 +312,7 @@ def main(argv: list[str] | None = None, out_stream=None) -> dict:
         "model_sizes": {"llm": sizes["llm"], "clip": sizes["clip"], "vit3d": sizes["vit3d"]},
         "image_size": IMAGE_SIZE, "volume_size": list(VOLUME_SIZE), "source_volume_size": list(source_size),
         "files_per_dim": args.files, "questions_per_file": args.questions_per_file,
-        "new_tokens_per_answer": args.new_tokens, "decoding": "greedy, fixed length",
+        "new_tokens_per_answer": args.new_tokens, "decoding": "greedy, fixed length", "features": args.features,
         "prompt_tokens": {dim: {"min": min(t), "max": max(t)} for dim, t in prompt_tokens.items()},
         "per_volume": breakdown,
         "torch_threads": torch.get_num_threads(), "cpus": os.cpu_count(),
