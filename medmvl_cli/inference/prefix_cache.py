@@ -99,7 +99,9 @@ def plan_shared_prefixes(prompts: Sequence[Sequence[int]], media: Sequence[Hasha
         plan.stored.append(None if found is None else found[1])
         for r in rows:
             plan.group_of_row[r] = g
-    will_store = store is not None and any(k is not None and p > 0 for k, p in zip(plan.keys, plan.prefix_lengths))
+    if min(plan.prefix_lengths) == 0:  # a one-token prompt: nothing to prefill before it
+        return None
+    will_store = store is not None and any(k is not None for k in plan.keys)
     return plan if plan.tokens_saved() > 0 or will_store else None
 
 
@@ -147,6 +149,8 @@ def _batch_cache(model, per_group: list[Layers], plan: PrefixPlan, rows):
             values.append(F.pad(v, pad))
         cache.update(torch.cat(keys)[rows], torch.cat(values)[rows], index)
     return cache
+
+
 def generate_with_plan(model, plan: PrefixPlan, inputs_embeds, attention_mask, store: Optional[PrefixStore] = None,
                        prompts: Optional[Sequence[Sequence[int]]] = None, **generation_kwargs):
     """(B, new) generated ids for the left-padded batch `inputs_embeds` (B, L, width) /
@@ -158,7 +162,7 @@ def generate_with_plan(model, plan: PrefixPlan, inputs_embeds, attention_mask, s
     if fresh:
         for g, layers in zip(fresh, _prefill_groups(model, plan, fresh, inputs_embeds, lengths)):
             per_group[g] = layers
-            if store is not None and plan.keys[g] is not None and plan.prefix_lengths[g] > 0:
+            if store is not None and plan.keys[g] is not None:
                 store.put(plan.keys[g], list(prompts[plan.first_row[g]][:plan.prefix_lengths[g]]), layers)
     rows = torch.tensor(plan.group_of_row, device=inputs_embeds.device)
     cache = _batch_cache(model, per_group, plan, rows)

@@ -28,6 +28,7 @@ def test_the_plan_groups_rows_by_media_and_keeps_a_suffix_for_each():
     # nothing shared: no plan (the plain batch is as fast)
     assert plan_shared_prefixes([[1, 2], [1, 2]], [("a",), ("b",)]) is None
     assert plan_shared_prefixes([[1, 2], [1, 2]], [(), ()]) is None
+    assert plan_shared_prefixes([[1, 2], [1, 3], [5]], [("a",), ("a",), ("b",)]) is None  # a one-token prompt
 
 
 def test_a_store_serves_the_run_a_later_prompt_shares():
