@@ -6,8 +6,9 @@
    saved weights carry (bf16 on GPUs that support it, fp32 on CPUs), the losses and tokens/s.
 2. The same run under DeepSpeed ZeRO-2 on one process (`--nproc-per-node 1`), and how far its losses
    are from the plain run's.
-3. Generation speed: `benchmarks/infer_throughput.py --quick` (fixed-length greedy answers at batch 1 /
-   4 / 16), whose JSON is embedded as is.
+3. Generation speed: `benchmarks/infer_throughput.py --quick` (fixed-length greedy answers to
+   multi-question 3D and 2D files at batch 1 / 8 / 32, with and without prefix reuse; the decode
+   step), whose JSON is embedded as is.
 
 On a CPU the same steps run in fp32, so the script itself is checked on any machine. It asserts
 nothing: one JSON object on stdout (a failed step reports its stderr tail there).

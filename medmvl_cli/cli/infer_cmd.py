@@ -31,6 +31,7 @@ def infer(
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Questions per batch.", rich_help_panel=BATCH)] = 8,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Start the output file over instead of resuming.", rich_help_panel=BATCH)] = False,
     feature_cache: Annotated[bool, typer.Option("--feature-cache/--no-feature-cache", help="Reuse a volume's features across its questions.", rich_help_panel=BATCH)] = True,
+    prefix_cache: Annotated[bool, typer.Option("--prefix-cache/--no-prefix-cache", help="Prefill the prompt prefix a volume's questions share once per batch (same answers, faster).", rich_help_panel=BATCH)] = True,
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", min=1, help="Longest answer.", rich_help_panel=GEN)] = 128,
     temperature: Annotated[float, typer.Option("--temperature", min=0.0, help="0 = greedy; > 0 samples.", rich_help_panel=GEN)] = 0.0,
     top_p: Annotated[float, typer.Option("--top-p", min=0.0, max=1.0, help="Nucleus sampling mass (with --temperature > 0).", rich_help_panel=GEN)] = 1.0,
@@ -85,10 +86,12 @@ def infer(
         sys.stdout.write("\n")
         sys.stdout.flush()
         return
-    _batch(predictor, data, out, settings, image_root, volume_root, batch_size, overwrite, feature_cache, quiet, err)
+    _batch(predictor, data, out, settings, image_root, volume_root, batch_size, overwrite, feature_cache, prefix_cache,
+           quiet, err)
 
 
-def _batch(predictor, data, out, settings, image_root, volume_root, batch_size, overwrite, feature_cache, quiet, err):
+def _batch(predictor, data, out, settings, image_root, volume_root, batch_size, overwrite, feature_cache, prefix_cache,
+           quiet, err):
     from medmvl_cli.inference.predictions import predict_file
     from medmvl_cli.progress import JobProgress
 
@@ -96,7 +99,7 @@ def _batch(predictor, data, out, settings, image_root, volume_root, batch_size, 
     with JobProgress("infer", err, enabled=not quiet) as progress:
         counts = predict_file(predictor, data, out, settings, image_root=image_root, volume_root=volume_root,
                               batch_size=batch_size, overwrite=overwrite, use_feature_cache=feature_cache,
-                              on_progress=progress.update)
+                              reuse_prefix=prefix_cache, on_progress=progress.update)
     elapsed = time.perf_counter() - start
     err.print(f"{counts['asked']} asked ({counts['asked'] / max(elapsed, 1e-9):.2f} items/s), "
               f"{counts['skipped']} already in {out}, {counts['errors']} error(s)", highlight=False, soft_wrap=True)

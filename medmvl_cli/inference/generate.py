@@ -126,7 +126,8 @@ class Predictor:
 
     A LoRA adapter is merged into the LLM at load (as LLaVA's loader does): the answers are the
     adapter's, decoding is as fast as the plain model's. `volumes_encoded` and `cache_hits` count
-    volume encoder runs and reuses of cached features. Files are refused from their headers above
+    volume encoder runs and reuses of cached features, `prefix_tokens_reused` the prompt tokens
+    not prefilled again thanks to `reuse_prefix`. Files are refused from their headers above
     `max_voxels` / `max_pixels`, turns from their length above the model's max_length allows.
     """
 
@@ -140,6 +141,10 @@ class Predictor:
         model, tokenizer, image_processor = load_model(self.model_dir, merge_lora=True)
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self._attach(model.to(device).eval(), tokenizer, image_processor, feature_cache_size, max_voxels, max_pixels)
+        from medmvl_cli.inference.prefix_cache import PrefixStore
+
+        # Loaded weights never change: prefixes may outlive a batch (not so for `for_model`).
+        self._prefix_store = PrefixStore()
 
     @classmethod
     def for_model(cls, model, tokenizer, image_processor, name: str, feature_cache_size: int = 64,
@@ -177,6 +182,8 @@ class Predictor:
         self._cache_size = feature_cache_size
         self.cache_hits = 0
         self.volumes_encoded = 0
+        self.prefix_tokens_reused = 0
+        self._prefix_store = None
 
     @property
     def name(self) -> str:
@@ -194,7 +201,10 @@ class Predictor:
                                     add_generation_prompt=True).input_ids
 
     def clear_feature_cache(self) -> None:
+        """Forget the cached volume features and the stored prompt prefixes."""
         self._volume_features.clear()
+        if self._prefix_store is not None:
+            self._prefix_store.clear()
 
     def _volume_embeds(self, paths: Sequence[Path], keys: Sequence[str]):
         """(len(paths), tokens, llm_width) connector outputs; the volumes whose keys are not in the
@@ -222,16 +232,22 @@ class Predictor:
         return torch.cat(out)
 
     def generate(self, requests: Sequence[Request], settings: GenerationSettings,
-                 streamer=None, use_feature_cache: bool = True) -> list[str]:
+                 streamer=None, use_feature_cache: bool = True, reuse_prefix: bool = False) -> list[str]:
         """Answers for a batch of requests (left-padded), in order."""
-        output, _ = self.generate_ids(requests, settings, streamer=streamer, use_feature_cache=use_feature_cache)
+        output, _ = self.generate_ids(requests, settings, streamer=streamer, use_feature_cache=use_feature_cache,
+                                      reuse_prefix=reuse_prefix)
         return [self.tokenizer.decode(row, skip_special_tokens=True).strip() for row in output]
 
     def generate_ids(self, requests: Sequence[Request], settings: GenerationSettings, streamer=None,
-                     use_feature_cache: bool = True, stopping_criteria=None):
+                     use_feature_cache: bool = True, stopping_criteria=None, reuse_prefix: bool = False):
         """(generated ids (B, new), prompt lengths) for a batch of requests, left-padded.
-        ``stopping_criteria`` (an HF ``StoppingCriteriaList``) may end rows early (per-row limits)."""
+        ``stopping_criteria`` (an HF ``StoppingCriteriaList``) may end rows early (per-row limits).
+        ``reuse_prefix``: questions about the same media prefill their shared prompt prefix once
+        (`prefix_cache.py`; the same answers, faster), and a loaded model keeps the last prefix of
+        the most recent media for later batches; not with beam search."""
         import torch
+
+        from medmvl_cli.inference.prefix_cache import generate_with_plan, plan_shared_prefixes
 
         prompts = [self.prompt_ids(r.messages) for r in requests]
         longest = max(len(p) for p in prompts)
@@ -240,26 +256,49 @@ class Predictor:
         for row, prompt in enumerate(prompts):
             input_ids[row, longest - len(prompt):] = torch.tensor(prompt)
             attention_mask[row, longest - len(prompt):] = 1
+        input_ids, attention_mask = input_ids.to(self.device), attention_mask.to(self.device)
+        media = self._media_inputs(requests, use_feature_cache)
+        generation = settings.kwargs(self.pad_token_id, self.stop_token_ids)
+        if stopping_criteria is not None:
+            generation["stopping_criteria"] = stopping_criteria
+        plan = None
+        if reuse_prefix and settings.num_beams == 1:
+            keys = [self._media_key(r) for r in requests]
+            plan = plan_shared_prefixes(prompts, keys, self._prefix_store)
+        with torch.no_grad():
+            if plan is None:
+                output = self.model.generate(input_ids=input_ids, attention_mask=attention_mask,
+                                             streamer=streamer, **media, **generation)
+            else:
+                self.prefix_tokens_reused += plan.tokens_saved()
+                output = generate_with_plan(self.model, plan, self.model.embed_inputs(input_ids, **media), attention_mask,
+                                            self._prefix_store, prompts, streamer=streamer, **generation)
+        return output, [len(p) for p in prompts]
+
+    def _media_inputs(self, requests: Sequence[Request], use_feature_cache: bool) -> dict:
+        """The batch's images (`pixel_values`) and volumes (`volume_embeds` from the feature cache,
+        else `volumes`), in placeholder order."""
         images = [p for r in requests for p in r.images]
         volumes = [p for r in requests for p in r.volumes]
-        extra = {}
+        media = {}
         if images:
-            extra["pixel_values"] = self.media.images(images).to(self.device, self.model.dtype)
+            media["pixel_values"] = self.media.images(images).to(self.device, self.model.dtype)
         if volumes:
             if use_feature_cache:
                 keys = [k for r in requests for k in r.feature_keys()]
-                extra["volume_embeds"] = self._volume_embeds(volumes, keys)
+                media["volume_embeds"] = self._volume_embeds(volumes, keys)
             else:
-                extra["volumes"] = self.media.volumes(volumes).to(self.device, self.model.dtype)
+                media["volumes"] = self.media.volumes(volumes).to(self.device, self.model.dtype)
                 self.volumes_encoded += len(volumes)
-        if stopping_criteria is not None:
-            extra["stopping_criteria"] = stopping_criteria
-        with torch.no_grad():
-            output = self.model.generate(
-                input_ids=input_ids.to(self.device), attention_mask=attention_mask.to(self.device),
-                streamer=streamer, **extra, **settings.kwargs(self.pad_token_id, self.stop_token_ids),
-            )
-        return output, [len(p) for p in prompts]
+        return media
+
+    @staticmethod
+    def _media_key(request: Request) -> tuple:
+        """What a request's media are, files rewritten in place included: questions with equal
+        keys see the same features (empty without media)."""
+        if not (request.images or request.volumes):
+            return ()
+        return tuple(file_identity(p) for p in request.images), tuple(request.feature_keys())
 
     def stream(self, request: Request, settings: GenerationSettings, on_text: Callable[[str], None]) -> str:
         """Generate one answer, calling `on_text` with each new piece of text as it is produced

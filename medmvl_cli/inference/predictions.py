@@ -147,7 +147,8 @@ def order_for_batching(questions: list[Question], placeholder_lengths: dict[str,
 def predict_file(
     predictor: Predictor, annotations: Path, out: Path, settings: GenerationSettings, *,
     image_root=None, volume_root=None, batch_size: int = 8, overwrite: bool = False,
-    use_feature_cache: bool = True, on_progress: Optional[Callable[[int, int], None]] = None,
+    use_feature_cache: bool = True, reuse_prefix: bool = True,
+    on_progress: Optional[Callable[[int, int], None]] = None,
 ) -> dict:
     """Answer every record of `annotations` into `out`; returns counts {asked, skipped, errors}."""
     annotations, out = Path(annotations), Path(out)
@@ -178,7 +179,7 @@ def predict_file(
     except OSError as err:
         raise write_failure(out, err, "--out") from None
     with sink:
-        for batch, rows in answer_in_batches(predictor, questions, settings, batch_size, use_feature_cache):
+        for batch, rows in answer_in_batches(predictor, questions, settings, batch_size, use_feature_cache, reuse_prefix):
             _append(sink, rows, out)
             counts["errors"] += sum("error" in row for row in rows)
             counts["asked"] += len(batch)
@@ -188,11 +189,13 @@ def predict_file(
 
 
 def answer_in_batches(predictor: Predictor, questions: list[Question], settings: GenerationSettings,
-                      batch_size: int, use_feature_cache: bool = True) -> Iterator[tuple[list[Question], list[dict]]]:
-    """(batch, its prediction rows) for `questions` in batches of `batch_size`, in the given order."""
+                      batch_size: int, use_feature_cache: bool = True,
+                      reuse_prefix: bool = True) -> Iterator[tuple[list[Question], list[dict]]]:
+    """(batch, its prediction rows) for `questions` in batches of `batch_size`, in the given order;
+    `reuse_prefix`: a volume's questions in a batch prefill their shared prompt prefix once."""
     for start in range(0, len(questions), batch_size):
         batch = questions[start:start + batch_size]
-        yield batch, _answer(predictor, batch, settings, use_feature_cache)
+        yield batch, _answer(predictor, batch, settings, use_feature_cache, reuse_prefix)
 
 
 def _append(sink, rows: list[dict], out: Path) -> None:
@@ -222,9 +225,10 @@ def _row(question: Question, model_name: str, prediction: Optional[str] = None, 
     return row
 
 
-def _answer(predictor: Predictor, batch: list[Question], settings, use_feature_cache) -> list[dict]:
+def _answer(predictor: Predictor, batch: list[Question], settings, use_feature_cache, reuse_prefix) -> list[dict]:
     try:
-        answers = predictor.generate([q.request for q in batch], settings, use_feature_cache=use_feature_cache)
+        answers = predictor.generate([q.request for q in batch], settings, use_feature_cache=use_feature_cache,
+                                     reuse_prefix=reuse_prefix)
         return [_row(q, predictor.name, a) for q, a in zip(batch, answers)]
     except MedmvlError as err:
         if len(batch) == 1:

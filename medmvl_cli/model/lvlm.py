@@ -265,22 +265,39 @@ class MedmvlForConditionalGeneration(MedmvlPreTrainedModel):
     @torch.no_grad()
     def generate(
         self,
-        input_ids: torch.LongTensor,
+        input_ids: Optional[torch.LongTensor] = None,
         attention_mask: Optional[torch.Tensor] = None,
         pixel_values: Optional[torch.Tensor] = None,
         volumes: Optional[torch.Tensor] = None,
         image_embeds: Optional[torch.Tensor] = None,
         volume_embeds: Optional[torch.Tensor] = None,
+        inputs_embeds: Optional[torch.Tensor] = None,
         **generation_kwargs,
     ) -> torch.LongTensor:
         """Prompt ids (B, L), left-padded for batches -> (B, new) generated ids (the prompt is not
         repeated, as with any `generate(inputs_embeds=...)`). Features are computed once; the LLM
-        decodes with its KV cache (greedy, sampling or beam search as `generation_kwargs` say)."""
-        inputs_embeds = self.embed_inputs(input_ids, pixel_values, volumes, image_embeds, volume_embeds)
+        decodes with its KV cache (greedy, sampling or beam search as `generation_kwargs` say).
+        `inputs_embeds` (B, L, width) from `embed_inputs` may stand for the ids and media; with a
+        `cache` from `prefill` holding the first P positions, only positions P.. of it are computed."""
+        if inputs_embeds is None:
+            inputs_embeds = self.embed_inputs(input_ids, pixel_values, volumes, image_embeds, volume_embeds)
         if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
+            attention_mask = torch.ones(inputs_embeds.shape[:2], dtype=torch.long, device=inputs_embeds.device)
         generation_kwargs.setdefault("use_cache", True)
         return self.llm.generate(inputs_embeds=inputs_embeds, attention_mask=attention_mask, **generation_kwargs)
+
+    @torch.no_grad()
+    def prefill(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor):
+        """(G, P, width) prompt prefixes, left-padded, and their (G, P) mask -> a DynamicCache of
+        their keys and values, at the positions `generate` gives them (counted over unmasked
+        tokens). Runs the LLM's decoder only: no logits are needed for a prefix."""
+        from transformers import DynamicCache
+
+        position_ids = (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)
+        cache = DynamicCache(config=self.llm.config)
+        self.llm.get_decoder()(inputs_embeds=inputs_embeds, attention_mask=attention_mask,
+                               position_ids=position_ids, cache=cache, use_cache=True)
+        return cache
 
     # ------------------------------------------------------------------------------ save / load
     @staticmethod

@@ -286,6 +286,9 @@ def test_batch_rows_hold_every_key_and_the_right_reference(run, predictor, quest
     for rid in ("synth2d-test-00000", "synth3d-test-00001-report", "multi-turn", "both"):
         alone = predictor.generate([_request(records[rid], synth_data)], GREEDY)[0]
         assert by_id[rid]["prediction"] == alone, rid
+    plain = tmp_path / "plain.jsonl"  # the shared prefixes prefilled with every question: the same bytes
+    assert runner.invoke(app, _batch(run, questions, plain, synth_data, "--batch-size", "4", "--no-prefix-cache")).exit_code == 0
+    assert plain.read_bytes() == out.read_bytes()
 
     again = runner.invoke(app, _batch(run, questions, out, synth_data))  # resume: nothing left to ask
     assert again.exit_code == 0 and "0 asked" in again.stderr and "15 already in" in again.stderr
@@ -374,6 +377,24 @@ def test_the_feature_cache_computes_each_volume_once_and_changes_no_answer(fresh
     assert {r["id"]: r["prediction"] for r in _rows(cached)} == {r["id"]: r["prediction"] for r in _rows(plain)}
     assert len(cached_steps) == len(plain_steps)
     for a, b in zip(cached_steps, plain_steps):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("batch_size", [3, 8])
+def test_prefix_reuse_writes_the_same_predictions_byte_for_byte(fresh, questions, synth_data, tmp_path, batch_size):
+    reused, plain = tmp_path / "reused.jsonl", tmp_path / "plain.jsonl"
+    kwargs = dict(image_root=synth_data, volume_root=synth_data, batch_size=batch_size)
+    fresh.prefix_tokens_reused = 0
+    with step_logits(fresh) as reused_steps:
+        predict_file(fresh, questions, reused, GREEDY, **kwargs)
+    saved = fresh.prefix_tokens_reused
+    assert saved >= fresh.placeholder_lengths["<image3d>"] * 2  # the volumes' questions shared their prefix
+    with step_logits(fresh) as plain_steps:
+        predict_file(fresh, questions, plain, GREEDY, reuse_prefix=False, **kwargs)
+    assert fresh.prefix_tokens_reused == saved
+    assert reused.read_bytes() == plain.read_bytes()
+    assert len(reused_steps) == len(plain_steps)
+    for a, b in zip(reused_steps, plain_steps):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
 
 
