@@ -8,6 +8,8 @@ accuracy (argmax of the first answer token, teacher forced: the left / right dec
 gradient norm reaching each component, and the statistics of the 3D encoder's hidden states.
 
     python benchmarks/learn3d.py --seeds 0 1 2 3 4 --set model.image3d.encoder.select_layer=-1
+
+(the quickstart recipe reads the patch embedding, `select_layer: 0`; -1 is vit3d's default).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 import tempfile
 import time
@@ -155,7 +158,6 @@ def main(argv=None) -> int:
     parser.add_argument("--stats", action="store_true", help="record gradient norms and feature statistics per epoch")
     parser.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "medmvl-learn3d")
     args = parser.parse_args(argv)
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     data = data_dir(args.workdir, args.cases)
     results = []
     for seed in args.seeds:
@@ -166,7 +168,7 @@ def main(argv=None) -> int:
         results.append(result)
         print(json.dumps(result), file=sys.stderr, flush=True)
     accs = [r["acc"] for r in results]
-    print(json.dumps({"overrides": args.overrides, "cases": args.cases, "accuracy": accs,
+    print(json.dumps({"overrides": args.overrides, "cases": args.cases, "load_average": os.getloadavg(), "accuracy": accs,
                       "seeds_at_0.9": sum(a >= 0.9 for a in accs), "results": results}))
     return 0
 
