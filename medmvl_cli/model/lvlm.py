@@ -74,6 +74,15 @@ class MedmvlPreTrainedModel(PreTrainedModel):
         elif isinstance(module, AttentionPoolingConnector):
             init.normal_(module.query, mean=0.0, std=std)
         elif isinstance(module, MonaiViT3d):
+            # The ViT init (MONAI's, timm's): every linear layer N(0, 0.02), biases zero. Runs after
+            # the children's fan-in init above. With the fan-in init the blocks' residual branches
+            # start ~3x larger than the patch embedding and add one vector common to all tokens
+            # (attention at init averages them), burying the per-patch signal at the selected layer.
+            for linear in module.modules():
+                if isinstance(linear, nn.Linear):
+                    init.trunc_normal_(linear.weight, mean=0.0, std=std, a=-2.0, b=2.0)
+                    if linear.bias is not None:
+                        init.zeros_(linear.bias)
             init.trunc_normal_(module.patch_embedding.position_embeddings, mean=0.0, std=std, a=-2.0, b=2.0)
             if hasattr(module, "cls_token"):
                 init.zeros_(module.cls_token)

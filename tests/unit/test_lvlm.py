@@ -463,3 +463,19 @@ def test_init_from_an_earlier_run(tmp_path, both):
     other = recipe.replace("type: spatial_pooling, pool: 2", "type: mlp")
     with pytest.raises(ModelError, match="connector.type is 'mlp' but the earlier model has 'spatial_pooling'"):
         make(tmp_path / "r2", other)
+
+
+def test_random_vit3d_blocks_keep_the_patch_signal(both):
+    """The random 3D ViT gets the ViT init (linear N(0, 0.02)), the connectors PyTorch's fan-in one;
+    so at init the last block's output is still mostly the per-patch embedding, not one vector
+    common to all tokens (which left the default last-layer features unreadable)."""
+    model = both[0]
+    vit, connector = model.image3d_encoder.vit, model.image3d_connector
+    assert abs(vit.blocks[0].mlp.linear1.weight.std().item() - 0.02) < 0.002
+    assert connector.mlp[0].weight.std().item() > 0.05  # fan-in: 1 / sqrt(3 * 64) ~ 0.072
+    volumes = torch.rand(2, 1, 8, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        x = model.image3d_encoder.normalize(volumes)
+        first, last = vit.hidden_states(x, 0)[:, 1:], vit.hidden_states(x, len(vit.blocks))[:, 1:]
+    spread = lambda h: (h - h.mean(dim=1, keepdim=True)).pow(2).mean().sqrt()  # noqa: E731
+    assert spread(last) / last.pow(2).mean().sqrt() > 0.9 * spread(first) / first.pow(2).mean().sqrt()
