@@ -4,7 +4,7 @@ On a shared machine the core count is a bad guide: with the cores already busy, 
 of N OpenMP threads waits at every barrier for the thread the OS has not scheduled, and idle
 threads spin while they wait, burning the CPU time the others need (a 25x slowdown where a fair
 share explains 4x). So, unless told otherwise, medmvl takes the CPUs it may run on (affinity and
-cgroup quota) less the load already on them, rounded up, at least one, and lets waiting threads sleep
+cgroup quota) less the load already on them (with half a core to spare for the average's lag), at least one, and lets waiting threads sleep
 (`OMP_WAIT_POLICY=PASSIVE`) whenever it shares the machine.
 
 Order of precedence: `medmvl --threads N`, then `$MEDMVL_THREADS`, then `$OMP_NUM_THREADS`, then
@@ -98,10 +98,10 @@ def choose(requested: Optional[int] = None) -> ThreadPolicy:
             break
     else:
         source = "auto"
-        # Rounded up: a core the load only partly uses (often the tail of medmvl's own previous
-        # run, still in the 1-minute average) still gives a thread.
+        # Generous by half a core: the 1-minute average lags, and often holds the tail of medmvl's
+        # own previous run, which should not cost the next run a thread.
         idle = cpus - (load or 0.0)
-        threads = max(1, min(math.floor(cpus), math.ceil(idle)))
+        threads = max(1, min(math.floor(cpus), math.ceil(idle + 0.5)))
     shared = load is not None and load > 0.5 * cpus
     wait_policy = _ENVIRONMENT["OMP_WAIT_POLICY"] or ("PASSIVE" if shared else "ACTIVE")
     return ThreadPolicy(threads, source, cpus, load, wait_policy)
