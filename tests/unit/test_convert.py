@@ -227,8 +227,13 @@ def test_ct_rate_rescales_and_sets_spacing(tmp_path):
     before = snapshot(src)
     out = tmp_path / "out"
     report = run("ct-rate", src, out)
-    assert_matches_expected(out, "ct-rate", ["train"])
-    assert counts(report)["train"] == (3, 2, {"volume missing": 1})
+    assert_matches_expected(out, "ct-rate", ["train", "train_vqa"])
+    assert counts(report)["train"] == (5, 2, {"volume missing": 1, "empty report": 1,
+                                              "_fixed volume whose header rescale is not the metadata CSV's": 1})
+    assert counts(report)["train_vqa"] == (11, 7, {
+        "volume missing": 1, "conversation not in human / gpt pairs": 1,
+        "empty question or answer (and the rest of its conversation)": 1,
+        "duplicate question (same media, question and answer)": 1})
     stored = np.arange(8 * 8 * 4).reshape(8, 8, 4)
     first = nib.load(str(out / "ct-rate-volumes/train/train_1/train_1_a/train_1_a_1.nii.gz"))
     np.testing.assert_array_equal(np.asanyarray(first.dataobj), stored - 1024)
@@ -274,6 +279,38 @@ def test_ct_rate_header_rescale_must_agree_with_the_metadata(tmp_path):
     assert not (tmp_path / "a.nii.gz").exists()
     assert write_hu_volume(tmp_path / "v.nii", tmp_path / "b.nii.gz", 1.0, -1024.0, (0.5, 0.5, 2.0))
     assert np.asanyarray(nib.load(str(tmp_path / "b.nii.gz")).dataobj).max() == -1024
+
+
+def test_ct_rate_fixed_release_is_read_when_its_header_carries_the_rescale(tmp_path):
+    import nibabel as nib
+
+    src = materialise("ct-rate", tmp_path)
+    fixed = src / "dataset/train_fixed/train_3/train_3_a/train_3_a_1.nii"
+    nib.save(nib.Nifti1Image(np.full((4, 4, 3), 24, dtype=np.int16), np.eye(4)), str(fixed))
+    raw = bytearray(fixed.read_bytes())
+    raw[112:120] = np.array([1.0, -1024.0], dtype="<f4").tobytes()  # scl_slope, scl_inter as in the metadata row
+    with __import__("gzip").open(f"{fixed}.gz", "wb") as fh:
+        fh.write(bytes(raw))
+    fixed.unlink()
+    report = run("ct-rate", src, tmp_path / "out", splits=["train"])
+    assert counts(report)["train"] == (5, 3, {"volume missing": 1, "empty report": 1})
+    hu = nib.load(str(tmp_path / "out/ct-rate-volumes/train_fixed/train_3/train_3_a/train_3_a_1.nii.gz"))
+    assert np.asanyarray(hu.dataobj).max() == 24 - 1024  # the rescale applied once, not twice
+
+
+def test_ct_rate_vqa_json_is_streamed_and_checked(tmp_path, monkeypatch):
+    from medmvl_cli.data.convert import ct_rate_vqa
+
+    path = FIXTURES / "ct-rate/dataset/vqa/train_vqa.json"
+    monkeypatch.setattr(ct_rate_vqa, "_CHUNK", 7)  # every record spans many reads
+    assert list(ct_rate_vqa.json_list_items(path)) == json.loads(path.read_text())
+    cases = (('{"id": 1}', "expected a JSON list"), ('[{"id": 1}] ', "not CT-RATE's VQA layout"),
+             ('[{"image": "x", "conversations": []}', "not valid JSON"))
+    for n, (bad, message) in enumerate(cases):
+        src = materialise("ct-rate", tmp_path / str(n))
+        (src / "dataset/vqa/train_vqa.json").write_text(bad)
+        with pytest.raises(DataError, match=message):
+            convert(get_converter("ct-rate"), src, src.parent / "out", splits=["train_vqa"])
 
 
 def test_hf_split_names_from_the_hub_layouts(tmp_path):
