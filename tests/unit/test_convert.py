@@ -230,7 +230,7 @@ def test_ct_rate_rescales_and_sets_spacing(tmp_path):
     assert_matches_expected(out, "ct-rate", ["train", "train_vqa"])
     assert counts(report)["train"] == (5, 2, {"volume missing": 1, "empty report": 1,
                                               "_fixed volume whose header rescale is not the metadata CSV's": 1})
-    assert counts(report)["train_vqa"] == (11, 7, {
+    assert counts(report)["train_vqa"] == (12, 8, {
         "volume missing": 1, "conversation not in human / gpt pairs": 1,
         "empty question or answer (and the rest of its conversation)": 1,
         "duplicate question (same media, question and answer)": 1})
@@ -304,8 +304,8 @@ def test_ct_rate_vqa_json_is_streamed_and_checked(tmp_path, monkeypatch):
     path = FIXTURES / "ct-rate/dataset/vqa/train_vqa.json"
     monkeypatch.setattr(ct_rate_vqa, "_CHUNK", 7)  # every record spans many reads
     assert list(ct_rate_vqa.json_list_items(path)) == json.loads(path.read_text())
-    cases = (('{"id": 1}', "expected a JSON list"), ('[{"id": 1}] ', "not CT-RATE's VQA layout"),
-             ('[{"image": "x", "conversations": []}', "not valid JSON"))
+    cases = (('{"id": 1}', "expected a JSON list"), ('[{"id": 1, "image": "train_1_a_1.nii.gz"}] ', "not CT-RATE's VQA layout"),
+             ('[{"image": "x", "conversations": []}', "not valid JSON"), ("[1, 2]", "record 0 is not"))
     for n, (bad, message) in enumerate(cases):
         src = materialise("ct-rate", tmp_path / str(n))
         (src / "dataset/vqa/train_vqa.json").write_text(bad)

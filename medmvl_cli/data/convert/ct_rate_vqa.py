@@ -10,7 +10,8 @@ each a JSON list of LLaVA-style records, read the way CT-CHAT's own code reads t
 
 `image` is the bare volume name (CT-CHAT joins it to its encodings folder); it is found in the
 nested volume folders and rewritten as HU with the split's metadata CSV, as the reports are
-(`ct_rate.hu_volume`). `type` sits on each human turn: `report_generation`, `multiple_choice`
+(`ct_rate.hu_volume`). A record without `image` (CT-CHAT's training code allows them: general
+chest-CT questions written from PubMed articles) becomes text-only records. `type` sits on each human turn: `report_generation`, `multiple_choice`
 (the question lists "(a) .. (d)", the answer reads "(b) text"), `free_response`, `description`,
 `conversation` (long answers), anything else a short answer (CT-CHAT's evaluation groups them so).
 
@@ -59,29 +60,33 @@ def rows(base: Path, split: str, media: Media) -> Iterator:
 
 
 def _records(item, index: int, path: Path, base: Path, media: Media, metadata: dict) -> list:
-    if not isinstance(item, dict) or "conversations" not in item or "image" not in item:
+    if not isinstance(item, dict) or "conversations" not in item:
         raise DataError(f"{path}: record {index} is not CT-RATE's VQA layout (keys: "
                         f"{sorted(item) if isinstance(item, dict) else type(item).__name__})",
                         hint=f"give the dataset's own file, unchanged: {_LAYOUT}")
     pairs = _pairs(item["conversations"])
     if not pairs:
         return [Dropped("conversation not in human / gpt pairs")]
-    volume = hu_volume(text(item["image"]), base, media, metadata)
-    if isinstance(volume, Dropped):
-        return [volume] * len(pairs)
-    source_id = text(item.get("id")) or f"{text(item['image']).removesuffix('.nii.gz')}-{index}"
+    volume = None
+    if "image" in item:  # CT-CHAT's general chest-CT knowledge questions have none: kept as text-only
+        volume = hu_volume(text(item["image"]), base, media, metadata)
+        if isinstance(volume, Dropped):
+            return [volume] * len(pairs)
+    source_id = text(item.get("id")) or f"{text(item.get('image')).removesuffix('.nii.gz') or 'text'}-{index}"
     history: list[dict] = []
     out: list = []
     for k, (question, answer) in enumerate(pairs):
         ask, reply = _clean(question.get("value")), text(answer.get("value"))
         if not ask or not reply:  # the later questions would lose their history: left out with it
             return out + [Dropped("empty question or answer (and the rest of its conversation)")] * (len(pairs) - k)
-        if not history:
+        if not history and volume:
             ask = f"{VOLUME_PLACEHOLDER}\n{ask}"
         kind = text(question.get("type"))
         conversation = history + [{"from": "human", "value": ask}, {"from": "gpt", "value": reply}]
-        out.append({"id": f"ct-rate-vqa-{source_id}-q{k}", "image3d": [volume], "conversations": conversation,
-                    "answer": reply, "question_type": _question_type(kind, reply), "category": kind or "unknown"})
+        record = {"id": f"ct-rate-vqa-{source_id}-q{k}", **({"image3d": [volume]} if volume else {}),
+                  "conversations": conversation, "answer": reply,
+                  "question_type": _question_type(kind, reply), "category": kind or "unknown"}
+        out.append(record)
         history = conversation
     return out
 
