@@ -29,10 +29,6 @@ class ThreadPolicy:
     load: Optional[float]  # 1-minute load average when the choice was made
     wait_policy: str  # OMP_WAIT_POLICY in force
 
-    @property
-    def user_set(self) -> bool:
-        return self.source != "auto"
-
     def describe(self) -> str:
         load = f", load average {self.load:.1f}" if self.load is not None else ""
         return (f"{self.threads} ({self.source}; {self.cpus:g} CPU(s) available{load}; "

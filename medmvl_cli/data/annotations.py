@@ -23,12 +23,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Literal, NamedTuple, Optional, Union
 
+from medmvl_cli.constants import IMAGE_PLACEHOLDER, VOLUME_PLACEHOLDER
 from medmvl_cli.errors import DataError
 
 log = logging.getLogger(__name__)
 
-IMAGE_PLACEHOLDER = "<image>"
-VOLUME_PLACEHOLDER = "<image3d>"
 # Roles as written in files -> the chat roles templates use.
 ROLES: dict[str, str] = {
     "human": "user", "user": "user",
@@ -123,21 +122,6 @@ class Record:
     def ends_on_user(self) -> bool:
         """True for an inference prompt (the last turn is the human's)."""
         return bool(self.conversations) and self.conversations[-1].role == "user"
-
-    def to_json(self) -> dict[str, Any]:
-        """The record in file form (MedM-VL keys), extra keys kept."""
-        out: dict[str, Any] = {"id": self.id}
-        if self.images:
-            out["image"] = list(self.images)
-        if self.volumes:
-            out["image3d"] = list(self.volumes)
-        out["conversations"] = [{"from": t.speaker, "value": t.value} for t in self.conversations]
-        if self.answer is not None:
-            out["answer"] = self.answer
-        if self.question_type is not None:
-            out["question_type"] = self.question_type
-        out.update(self.extra)
-        return out
 
 
 @dataclass(frozen=True, slots=True)

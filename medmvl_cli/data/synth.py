@@ -30,6 +30,7 @@ from typing import Literal, Sequence, Union
 
 import numpy as np
 
+from medmvl_cli.constants import IMAGE_PLACEHOLDER, VOLUME_PLACEHOLDER
 from medmvl_cli.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -261,7 +262,7 @@ def png_bytes(film: np.ndarray) -> bytes:
 def make_record(case: Case, media_path: str, train: bool) -> dict:
     """A MedM-VL record: train ends on the gpt answer, test on the human question."""
     question, qtype, _ = QUESTIONS[(case.dim, case.task)]
-    placeholder = "<image>" if case.dim == "2d" else "<image3d>"
+    placeholder = IMAGE_PLACEHOLDER if case.dim == "2d" else VOLUME_PLACEHOLDER
     conversations = [{"from": "human", "value": f"{placeholder}\n{question}"}]
     if train:
         conversations.append({"from": "gpt", "value": case.answer})

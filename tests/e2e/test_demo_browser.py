@@ -57,7 +57,8 @@ def browser(tmp_path):
 
 def expected_answer(run: Path, volume: Path, questions: list[str]) -> list[str]:
     """What `Predictor` answers directly (greedy), turn by turn, for the same conversation."""
-    from medmvl_cli.inference.generate import GenerationSettings, Predictor, Request, resolve_model_dir
+    from medmvl_cli.inference.generate import GenerationSettings, Predictor, Request
+    from medmvl_cli.runs.resolve import resolve_model_dir
 
     predictor = Predictor(resolve_model_dir(str(run)))
     settings = GenerationSettings(max_new_tokens=MAX_NEW_TOKENS)
