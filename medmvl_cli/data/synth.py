@@ -127,7 +127,8 @@ def report_text(dim: str, lesions: Sequence[Lesion]) -> str:
     if not lesions:
         return "No lesion. Both lungs are clear."
     where = "{size} one in the {side} {zone} zone" if dim == "2d" else "{size} one in the {zone} {side} lung"
-    parts = [where.format(size="a large" if l.large else "a small", side=l.side, zone=l.zone) for l in lesions]
+    parts = [where.format(size="a large" if lesion.large else "a small", side=lesion.side, zone=lesion.zone)
+             for lesion in lesions]
     listing = parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
     noun = "lesion" if len(lesions) == 1 else "lesions"
     return f"{NUMBER_WORDS[len(lesions)]} {noun}: {listing}."

@@ -24,7 +24,6 @@ import re
 from dataclasses import dataclass
 from typing import Literal, Optional
 
-from medmvl_cli.config.names import NATIVE_TEMPLATES
 from medmvl_cli.constants import IGNORE_INDEX, IMAGE_PLACEHOLDER, PLACEHOLDERS, VOLUME_PLACEHOLDER
 from medmvl_cli.errors import DataError, ModelError
 

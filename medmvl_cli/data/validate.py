@@ -293,7 +293,7 @@ def check_image_file(path: Path, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> lis
             if frames > 1:
                 return [Issue("dimensionality", f"{path} is a multi-frame DICOM ({frames} frames): {_AS_IMAGE}")]
             check_dicom_pixels(path, ds, max_pixels)
-            ds.pixel_array
+            ds.pixel_array  # noqa: B018 -- decoding the pixels is the check
             return []
         with open_image(path, max_pixels) as img:
             frames = getattr(img, "n_frames", 1)

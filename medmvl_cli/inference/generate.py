@@ -10,14 +10,13 @@ once and reused for every question about it (CT-RATE files ask 3-5 questions per
 from __future__ import annotations
 
 import logging
-import os
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 from medmvl_cli.data.limits import DEFAULT_MAX_PIXELS, DEFAULT_MAX_VOXELS, overlong_turn
-from medmvl_cli.errors import DataError, RunError
+from medmvl_cli.errors import DataError
 
 logger = logging.getLogger(__name__)
 

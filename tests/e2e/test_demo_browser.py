@@ -125,7 +125,7 @@ def test_upload_page_ask_and_read_the_answer_in_chromium(server, tiny_run, brows
             css("#ask").click()
         else:
             box.send_keys(Keys.ENTER)
-        wait.until(lambda _: len(browser.find_elements(By.CSS_SELECTOR, "#chat [data-testid='bot']")) == n
+        wait.until(lambda _, n=n: len(browser.find_elements(By.CSS_SELECTOR, "#chat [data-testid='bot']")) == n
                    and css("#question textarea").get_attribute("value") == "" and _idle(browser))
         answers.append(browser.find_elements(By.CSS_SELECTOR, "#chat [data-testid='bot']")[-1].text)
     user_turns = [e.text for e in browser.find_elements(By.CSS_SELECTOR, "#chat [data-testid='user']")]

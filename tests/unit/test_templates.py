@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
+from medmvl_cli.config.names import NATIVE_TEMPLATES
 from medmvl_cli.constants import IGNORE_INDEX
 from medmvl_cli.data.templates import (
     MEDMVL_DEFAULT_SYSTEM,
-    NATIVE_TEMPLATES,
     TEMPLATES,
     count_placeholders,
     get_template,
