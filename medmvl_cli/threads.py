@@ -87,8 +87,9 @@ def _positive_int(value: Optional[str]) -> Optional[int]:
 def choose(requested: Optional[int] = None) -> ThreadPolicy:
     """The thread count to use, by the order of precedence above."""
     cpus, load = available_cpus(), _load()
-    for source, value in (("--threads", requested),  # noqa: B007 -- `source` is read after the break ("MEDMVL_THREADS", _positive_int(_ENVIRONMENT["MEDMVL_THREADS"])),
-                          ("OMP_NUM_THREADS", _positive_int(_ENVIRONMENT["OMP_NUM_THREADS"]))):
+    asked = (("--threads", requested), ("MEDMVL_THREADS", _positive_int(_ENVIRONMENT["MEDMVL_THREADS"])),
+             ("OMP_NUM_THREADS", _positive_int(_ENVIRONMENT["OMP_NUM_THREADS"])))
+    for source, value in asked:  # noqa: B007 -- `source` is read after the break
         if value:
             threads = int(value)
             break
