@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from typing import Literal, Optional
 
 from medmvl_cli.constants import IGNORE_INDEX, IMAGE_PLACEHOLDER, PLACEHOLDERS, VOLUME_PLACEHOLDER
+from medmvl_cli.data.turns import CHAT_ROLES, SYSTEM_FIRST, turn_order
 from medmvl_cli.errors import DataError, ModelError
 
 logger = logging.getLogger(__name__)
@@ -37,7 +38,6 @@ _PARTS_HINT = ('content is a string, or a list of parts: {"type": "text", "text"
 # Longest first, so "<image3d>" is never read as "<image>" followed by text.
 _PLACEHOLDER_RE = re.compile("(" + "|".join(re.escape(p) for p in sorted(PLACEHOLDERS, key=len, reverse=True)) + ")")
 
-ROLES = ("system", "user", "assistant")
 
 QWEN2_DEFAULT_SYSTEM = "You are a helpful assistant."
 # MedM-VL's (Vicuna's) system prompt, lvlm/dataset/template/*_template.py.
@@ -102,22 +102,18 @@ def count_placeholders(messages: list[dict]) -> dict[str, int]:
 def _check_order(roles: list[str], where: str) -> None:
     if not roles:
         raise DataError(f"{where}: the conversation is empty", hint=_ROLE_HINT)
+    out_of_order = turn_order(roles)
     for i, role in enumerate(roles):
-        if role not in ROLES:
-            raise DataError(f"{where}: turn {i} has role {role!r}; roles are {', '.join(ROLES)}", hint=_ROLE_HINT)
-        if role == "system" and i != 0:
+        if role not in CHAT_ROLES:
+            raise DataError(f"{where}: turn {i} has role {role!r}; roles are {', '.join(CHAT_ROLES)}", hint=_ROLE_HINT)
+        if (i, SYSTEM_FIRST) in out_of_order:
             raise DataError(f"{where}: turn {i} is a system turn; only the first turn may be one", hint=_ROLE_HINT)
-    start = 1 if roles[0] == "system" else 0
-    if start == len(roles):
+    if roles == ["system"]:
         raise DataError(f"{where}: the conversation has a system turn and nothing else", hint=_ROLE_HINT)
-    for i in range(start, len(roles)):
-        expected = "user" if (i - start) % 2 == 0 else "assistant"
-        if roles[i] != expected:
-            said = "human" if expected == "user" else "gpt"
-            raise DataError(
-                f"{where}: turn {i} is a {roles[i]} turn where a {said} turn was expected",
-                hint=_ROLE_HINT,
-            )
+    if out_of_order:
+        i, expected = out_of_order[0]
+        said = "human" if expected == "user" else "gpt"
+        raise DataError(f"{where}: turn {i} is a {roles[i]} turn where a {said} turn was expected", hint=_ROLE_HINT)
 
 
 def _text_messages(messages: list[dict], add_generation_prompt: bool) -> list[dict]:
