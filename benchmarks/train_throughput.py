@@ -374,7 +374,7 @@ def main(argv: list[str] | None = None, out_stream=None) -> dict:
     # The machine may be shared: the best matmul rate seen in this run is the peak MFU is taken against.
     peak = max([peak_before, peak_after] + [g for r in results.values() for run in r["runs"].values()
                                             for g in run["matmul_gflops_before_after"]])
-    for dim, result in results.items():
+    for result in results.values():
         llm_params, vision = result.pop("_llm_params"), result.pop("_vision_flops")
         for run in result["runs"].values():
             llm_flops = 6 * llm_params * run["tokens_per_s"]

@@ -29,10 +29,6 @@ class ThreadPolicy:
     load: Optional[float]  # 1-minute load average when the choice was made
     wait_policy: str  # OMP_WAIT_POLICY in force
 
-    @property
-    def user_set(self) -> bool:
-        return self.source != "auto"
-
     def describe(self) -> str:
         load = f", load average {self.load:.1f}" if self.load is not None else ""
         return (f"{self.threads} ({self.source}; {self.cpus:g} CPU(s) available{load}; "
@@ -91,8 +87,9 @@ def _positive_int(value: Optional[str]) -> Optional[int]:
 def choose(requested: Optional[int] = None) -> ThreadPolicy:
     """The thread count to use, by the order of precedence above."""
     cpus, load = available_cpus(), _load()
-    for source, value in (("--threads", requested), ("MEDMVL_THREADS", _positive_int(_ENVIRONMENT["MEDMVL_THREADS"])),
-                          ("OMP_NUM_THREADS", _positive_int(_ENVIRONMENT["OMP_NUM_THREADS"]))):
+    asked = (("--threads", requested), ("MEDMVL_THREADS", _positive_int(_ENVIRONMENT["MEDMVL_THREADS"])),
+             ("OMP_NUM_THREADS", _positive_int(_ENVIRONMENT["OMP_NUM_THREADS"])))
+    for source, value in asked:  # noqa: B007 -- `source` is read after the break
         if value:
             threads = int(value)
             break

@@ -7,6 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
+from medmvl_cli.constants import IMAGE_PLACEHOLDER, VOLUME_PLACEHOLDER
 from medmvl_cli.cli.options import MaxPixelsOption, MaxVoxelsOption, limit_options
 
 GEN = "Generation"
@@ -38,7 +39,8 @@ def chat(
         raise typer.BadParameter("give --image or --volume, not both", param_hint="--volume")
     from rich.console import Console
 
-    from medmvl_cli.inference.generate import GenerationSettings, Request, choose_model
+    from medmvl_cli.inference.generate import GenerationSettings, Request
+    from medmvl_cli.runs.resolve import choose_model
     from medmvl_cli.serve.server import load_predictor
 
     console, err = Console(highlight=False), Console(stderr=True, highlight=False)
@@ -47,7 +49,7 @@ def chat(
     predictor = load_predictor(model_dir, **limit_options(max_voxels, max_pixels))
     settings = GenerationSettings(max_new_tokens, temperature, top_p)
     media = {"images": [image] if image else [], "volumes": [volume] if volume else []}
-    placeholder = "<image>\n" if image else "<image3d>\n" if volume else ""
+    placeholder = f"{IMAGE_PLACEHOLDER}\n" if image else f"{VOLUME_PLACEHOLDER}\n" if volume else ""
     start = [{"role": "system", "content": system}] if system else []
     messages = list(start)
     err.print("Ask a question (/exit to leave, /reset to start over).")

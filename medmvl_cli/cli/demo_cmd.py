@@ -36,7 +36,8 @@ def demo(
 
     from medmvl_cli.cli.options import limit_options
     from medmvl_cli.demo.app import launch, require_gradio
-    from medmvl_cli.inference.generate import Predictor, resolve_model_dir
+    from medmvl_cli.inference.generate import Predictor
+    from medmvl_cli.runs.resolve import resolve_model_dir
     from medmvl_cli.serve.server import is_loopback
 
     require_gradio()  # before the minutes a large model takes to load

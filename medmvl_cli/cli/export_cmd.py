@@ -29,7 +29,7 @@ def export(
     """
     from rich.console import Console
 
-    from medmvl_cli.inference.generate import resolve_model_dir
+    from medmvl_cli.runs.resolve import resolve_model_dir
 
     if fmt not in FORMATS:
         raise typer.BadParameter(f"use one of {', '.join(FORMATS)}", param_hint="--format")
@@ -40,7 +40,7 @@ def export(
     model_dir = resolve_model_dir(model)
     Console(stderr=True).print(f"model: {model_dir}", highlight=False, soft_wrap=True)
     if fmt == "medmvl":
-        from medmvl_cli.interop.export_medmvl import export_medmvl
+        from medmvl_cli.interop.export_native import export_medmvl
 
         written = export_medmvl(model_dir, out, merge_lora=merge_lora, overwrite=overwrite, dtype=dtype)
     else:

@@ -40,7 +40,7 @@ def medm_vl(
       medmvl import medm-vl ckpts/MedM-VL-2D-3B-en --out runs/medmvl-2d --image-encoder ckpts/siglip-base-patch16-256-multilingual
       medmvl import medm-vl ckpts/old-ct-over-slices --out runs/old-ct --as slices --slice-pooling mean
     """
-    from medmvl_cli.interop.import_medmvl import import_medm_vl
+    from medmvl_cli.interop.medm_vl.importer import import_medm_vl
 
     if branch not in BRANCHES:
         raise typer.BadParameter(f"use one of {', '.join(BRANCHES)}", param_hint="--as")

@@ -10,12 +10,13 @@ from typing import Annotated, Optional
 import typer
 
 from medmvl_cli.cli.options import MaxPixelsOption, MaxVoxelsOption
+from medmvl_cli.constants import IMAGE_PLACEHOLDER, VOLUME_PLACEHOLDER
 
 GEN = "Generation"
 BATCH = "Batch (--data)"
 DEFAULT_PROMPTS = {
-    "image": "<image>\nDescribe the findings in this image.",
-    "image3d": "<image3d>\nWrite the findings of a radiology report for this CT scan.",
+    "image": f"{IMAGE_PLACEHOLDER}\nDescribe the findings in this image.",
+    "image3d": f"{VOLUME_PLACEHOLDER}\nWrite the findings of a radiology report for this CT scan.",
 }
 
 
@@ -64,7 +65,8 @@ def infer(
     from rich.console import Console
 
     from medmvl_cli.cli.options import limit_options
-    from medmvl_cli.inference.generate import GenerationSettings, Predictor, Request, choose_model
+    from medmvl_cli.inference.generate import GenerationSettings, Predictor, Request
+    from medmvl_cli.runs.resolve import choose_model
 
     err = Console(stderr=True)
     model_dir, how = choose_model(model)
@@ -77,7 +79,7 @@ def infer(
         torch.manual_seed(seed)
     if single:
         text = prompt or DEFAULT_PROMPTS["image3d" if volume is not None else "image"]
-        for path, placeholder in ((volume, "<image3d>"), (image, "<image>")):
+        for path, placeholder in ((volume, VOLUME_PLACEHOLDER), (image, IMAGE_PLACEHOLDER)):
             if path is not None and placeholder not in text:
                 text = f"{placeholder}\n{text}"
         request = Request(messages=[{"role": "user", "content": text}],

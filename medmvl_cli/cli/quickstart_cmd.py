@@ -25,7 +25,7 @@ def quickstart(
     from rich.console import Console
     from rich.table import Table
 
-    from medmvl_cli.engine.quickstart import run_quickstart
+    from medmvl_cli.workflows.quickstart import run_quickstart
 
     if kind not in ("2d", "3d"):
         raise typer.BadParameter("use 2d or 3d", param_hint="--kind")

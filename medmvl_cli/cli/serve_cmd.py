@@ -41,7 +41,7 @@ def serve(
     """
     from rich.console import Console
 
-    from medmvl_cli.inference.generate import choose_model
+    from medmvl_cli.runs.resolve import choose_model
     from medmvl_cli.serve.server import check_binding, load_predictor, require_serve_extra, run
 
     require_serve_extra()

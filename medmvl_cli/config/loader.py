@@ -8,37 +8,15 @@ from __future__ import annotations
 
 import difflib
 import typing
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Optional
 
 import yaml
 from pydantic import BaseModel, ValidationError
 
+from medmvl_cli.config.problems import Problem, RawRecipe
 from medmvl_cli.config.schema import Recipe
 from medmvl_cli.errors import RecipeError
-
-
-@dataclass(frozen=True)
-class Problem:
-    """One thing wrong with a recipe: where (dotted key path), what, and how to fix it."""
-
-    path: str
-    message: str
-    hint: Optional[str] = None
-
-    def __str__(self) -> str:
-        where = self.path or "(recipe)"
-        return f"{where}: {self.message}" + (f" ({self.hint})" if self.hint else "")
-
-
-@dataclass
-class RawRecipe:
-    """The YAML tree after overrides, with where it came from."""
-
-    tree: dict
-    source: Optional[Path]
-    overridden: set[str]
 
 
 # ------------------------------------------------------------------------------------------ YAML

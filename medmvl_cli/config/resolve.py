@@ -15,7 +15,8 @@ import json
 from pathlib import Path
 from typing import Any, Optional
 
-from medmvl_cli.config.loader import Problem, RawRecipe
+from medmvl_cli.config.names import PRESET_TEMPLATES
+from medmvl_cli.config.problems import Problem, RawRecipe
 from medmvl_cli.config.schema import STAGES, LoraConfig, Recipe
 
 STAGE_DEFAULTS: dict[str, dict[str, str]] = {
@@ -24,7 +25,6 @@ STAGE_DEFAULTS: dict[str, dict[str, str]] = {
     "lora": {"llm": "lora", "encoder": "frozen", "connector": "full"},
 }
 DEEPSPEED_PRESETS = ("zero2", "zero3")
-PRESET_TEMPLATES = {"tiny-qwen2": "qwen2", "tiny-llama": "llama3", "tiny-phi": "phi", "tiny-phi3": "phi3"}
 MODEL_TYPE_TEMPLATES = {"qwen2": "qwen2", "qwen3": "qwen2", "llama": "llama3", "phi": "phi", "phi3": "phi3"}
 
 

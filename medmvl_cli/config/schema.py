@@ -12,16 +12,12 @@ from typing import Annotated, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from medmvl_cli.config.names import LLM_PRESETS, TEMPLATES
 from medmvl_cli.config.limits import DEFAULT_MAX_PIXELS, DEFAULT_MAX_VOXELS
 from medmvl_cli.config.trackers import NO_TRACKER, TRACKERS
 
 Stage = Literal["pretrain", "finetune", "lora"]
 STAGES: tuple[str, ...] = ("pretrain", "finetune", "lora")
-LLM_PRESETS: tuple[str, ...] = ("tiny-qwen2", "tiny-llama", "tiny-phi", "tiny-phi3")
-TEMPLATES: tuple[str, ...] = (
-    "qwen2", "llama3", "phi", "phi3", "plain",
-    "medmvl-qwen2", "medmvl-llama3", "medmvl-phi", "medmvl-phi3",
-)
 Activation = Literal["gelu", "relu", "silu"]
 Train = Literal["frozen", "full"]
 TrainLLM = Literal["frozen", "full", "lora"]
@@ -244,7 +240,7 @@ class LLMConfig(Section):
     """The causal language model and how text is formatted for it."""
 
     path: Optional[str] = Field(None, description="Local HF folder of the LLM (a hub id only where the hub is reachable).")
-    preset: Optional[Literal["tiny-qwen2", "tiny-llama", "tiny-phi", "tiny-phi3"]] = Field(
+    preset: Optional[Literal[LLM_PRESETS]] = Field(
         None, description="Built-in random-init tiny LLM with its own tokenizer, instead of `path`."
     )
     template: Optional[str] = Field(

@@ -23,18 +23,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Literal, NamedTuple, Optional, Union
 
+from medmvl_cli.constants import IMAGE_PLACEHOLDER, VOLUME_PLACEHOLDER
+from medmvl_cli.data.turns import SPEAKER_ROLES, SYSTEM_FIRST, turn_order
 from medmvl_cli.errors import DataError
 
 log = logging.getLogger(__name__)
 
-IMAGE_PLACEHOLDER = "<image>"
-VOLUME_PLACEHOLDER = "<image3d>"
-# Roles as written in files -> the chat roles templates use.
-ROLES: dict[str, str] = {
-    "human": "user", "user": "user",
-    "gpt": "assistant", "assistant": "assistant",
-    "system": "system",
-}
 QUESTION_TYPES = ("closed", "open", "choice")
 KNOWN_KEYS = frozenset({"id", "image", "image3d", "conversations", "answer", "question_type"})
 
@@ -87,7 +81,7 @@ class Turn(NamedTuple):
     @property
     def role(self) -> str:
         """The chat role: user | assistant | system."""
-        return ROLES[self.speaker]
+        return SPEAKER_ROLES[self.speaker]
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,21 +117,6 @@ class Record:
     def ends_on_user(self) -> bool:
         """True for an inference prompt (the last turn is the human's)."""
         return bool(self.conversations) and self.conversations[-1].role == "user"
-
-    def to_json(self) -> dict[str, Any]:
-        """The record in file form (MedM-VL keys), extra keys kept."""
-        out: dict[str, Any] = {"id": self.id}
-        if self.images:
-            out["image"] = list(self.images)
-        if self.volumes:
-            out["image3d"] = list(self.volumes)
-        out["conversations"] = [{"from": t.speaker, "value": t.value} for t in self.conversations]
-        if self.answer is not None:
-            out["answer"] = self.answer
-        if self.question_type is not None:
-            out["question_type"] = self.question_type
-        out.update(self.extra)
-        return out
 
 
 @dataclass(frozen=True, slots=True)
@@ -397,7 +376,7 @@ def _turns(data: dict, issues: list[Issue]) -> tuple[Turn, ...]:
     for i, turn in enumerate(convs):
         if type(turn) is dict:  # the common case, checked cheaply: 100k-record files are usual
             speaker, value = turn.get("from"), turn.get("value")
-            if type(value) is str and speaker in ROLES:
+            if type(value) is str and speaker in SPEAKER_ROLES:
                 turns.append(Turn(speaker, value))
                 continue
         if not isinstance(turn, dict):
@@ -408,7 +387,7 @@ def _turns(data: dict, issues: list[Issue]) -> tuple[Turn, ...]:
         if not isinstance(speaker, str):
             issues.append(Issue("schema", f"turn {i}: `from` must be a string (got {_short(speaker)})"))
             bad = True
-        elif speaker not in ROLES:
+        elif speaker not in SPEAKER_ROLES:
             issues.append(Issue("role", f"turn {i}: unknown role {speaker!r}; use human/user, gpt/assistant or system"))
             bad = True
         if not isinstance(value, str):
@@ -459,24 +438,23 @@ def conversation_problems(record: Record, *, require_answer: bool = True) -> lis
     """
     issues: list[Issue] = []
     turns = record.conversations
-    expected, answered = "user", False
+    answered = False
+    out_of_order = dict(turn_order([SPEAKER_ROLES[t.speaker] for t in turns]))
     for i, turn in enumerate(turns):
-        role = ROLES[turn.speaker]
+        role = SPEAKER_ROLES[turn.speaker]
         answered = answered or role == "assistant"
-        if role == "system":
-            if i != 0:
-                issues.append(Issue("alternation", f"turn {i}: a system turn may only come first"))
-            continue
-        if role != expected:
-            who = "human" if expected == "user" else "gpt"
+        if out_of_order.get(i) == SYSTEM_FIRST:
+            issues.append(Issue("alternation", f"turn {i}: a system turn may only come first"))
+        elif i in out_of_order:
+            who = "human" if out_of_order[i] == "user" else "gpt"
             issues.append(Issue("alternation", f"turn {i}: expected a {who} turn, got {turn.speaker!r} (turns must alternate, human first)"))
-            expected = role  # resynchronise so one slip is reported once
+        if role == "system":
+            continue
         if not turn.value.strip():
             kind = "empty_answer" if role == "assistant" else "empty_turn"
             issues.append(Issue(kind, f"turn {i} ({turn.speaker}) is empty"))
         if role == "assistant" and (IMAGE_PLACEHOLDER in turn.value or VOLUME_PLACEHOLDER in turn.value):
             issues.append(Issue("placeholder", f"turn {i} ({turn.speaker}) holds an image placeholder; only human turns may"))
-        expected = "assistant" if role == "user" else "user"
     if require_answer and not answered:
         issues.append(Issue("unanswered", "no gpt turn: a training record needs the answer"))
     elif require_answer and turns and turns[-1].role == "user":

@@ -12,7 +12,7 @@ from typing import Optional
 import torch
 
 from medmvl_cli.data.dataset import SKIPPED
-from medmvl_cli.data.encoding import IGNORE_INDEX
+from medmvl_cli.constants import IGNORE_INDEX
 
 
 def _cat(tensors: list[Optional[torch.Tensor]]) -> Optional[torch.Tensor]:

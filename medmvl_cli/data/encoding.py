@@ -14,13 +14,12 @@ import logging
 from dataclasses import dataclass, field
 from typing import Iterable, Optional
 
-from medmvl_cli.data.annotations import IMAGE_PLACEHOLDER, VOLUME_PLACEHOLDER, Record
+from medmvl_cli.constants import IGNORE_INDEX, IMAGE_PLACEHOLDER, VOLUME_PLACEHOLDER
+from medmvl_cli.data.annotations import Record
 from medmvl_cli.data.limits import overlong_reason, overlong_turn
 from medmvl_cli.data.templates import ChatTemplate, Encoded
 
 logger = logging.getLogger(__name__)
-
-IGNORE_INDEX = -100
 
 
 @dataclass

@@ -30,6 +30,7 @@ from typing import Literal, Sequence, Union
 
 import numpy as np
 
+from medmvl_cli.constants import IMAGE_PLACEHOLDER, VOLUME_PLACEHOLDER
 from medmvl_cli.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -126,7 +127,8 @@ def report_text(dim: str, lesions: Sequence[Lesion]) -> str:
     if not lesions:
         return "No lesion. Both lungs are clear."
     where = "{size} one in the {side} {zone} zone" if dim == "2d" else "{size} one in the {zone} {side} lung"
-    parts = [where.format(size="a large" if l.large else "a small", side=l.side, zone=l.zone) for l in lesions]
+    parts = [where.format(size="a large" if lesion.large else "a small", side=lesion.side, zone=lesion.zone)
+             for lesion in lesions]
     listing = parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
     noun = "lesion" if len(lesions) == 1 else "lesions"
     return f"{NUMBER_WORDS[len(lesions)]} {noun}: {listing}."
@@ -261,7 +263,7 @@ def png_bytes(film: np.ndarray) -> bytes:
 def make_record(case: Case, media_path: str, train: bool) -> dict:
     """A MedM-VL record: train ends on the gpt answer, test on the human question."""
     question, qtype, _ = QUESTIONS[(case.dim, case.task)]
-    placeholder = "<image>" if case.dim == "2d" else "<image3d>"
+    placeholder = IMAGE_PLACEHOLDER if case.dim == "2d" else VOLUME_PLACEHOLDER
     conversations = [{"from": "human", "value": f"{placeholder}\n{question}"}]
     if train:
         conversations.append({"from": "gpt", "value": case.answer})

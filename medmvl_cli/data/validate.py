@@ -22,9 +22,8 @@ from typing import Any, Callable, Literal, Optional, Union
 
 import numpy as np
 
+from medmvl_cli.constants import IMAGE_PLACEHOLDER, VOLUME_PLACEHOLDER
 from medmvl_cli.data.annotations import (
-    IMAGE_PLACEHOLDER,
-    VOLUME_PLACEHOLDER,
     AnnotationFile,
     Issue,
     Record,
@@ -34,6 +33,7 @@ from medmvl_cli.data.annotations import (
     resolve_media_path,
     schema_problems,
 )
+from medmvl_cli.data.file_kinds import IMAGE_SUFFIXES, VOLUME_SUFFIXES, is_dicom
 from medmvl_cli.data.limits import (
     DEFAULT_MAX_PIXELS,
     DEFAULT_MAX_VOXELS,
@@ -70,8 +70,6 @@ PROBLEM_KINDS: dict[str, str] = {
     "too_long": "a turn too long to tokenise for model.llm.max_length (characters, checked before tokenising)",
     "template": "a record the recipe's chat template cannot encode",
 }
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".dcm", ".dicom")
-VOLUME_SUFFIXES = (".npy", ".nii", ".nii.gz", ".nrrd", ".mha", ".mhd")
 _CHUNK = 1 << 24  # elements per finiteness check, so huge float volumes stream through memory
 _AS_IMAGE = "a volume given as an image (list it under `image3d`)"
 _AS_VOLUME = "a 2-D image given as a volume (list it under `image`)"
@@ -144,17 +142,6 @@ class ValidationReport:
 def _suffix(path: Path) -> str:
     name = path.name.lower()
     return ".nii.gz" if name.endswith(".nii.gz") else path.suffix.lower()
-
-
-def _is_dicom(path: Path) -> bool:
-    if _suffix(path) in (".dcm", ".dicom"):
-        return True
-    try:
-        with open(path, "rb") as fh:
-            fh.seek(128)
-            return fh.read(4) == b"DICM"
-    except OSError:
-        return False
 
 
 def _nonfinite_issue(values: np.ndarray) -> Optional[Issue]:
@@ -244,7 +231,7 @@ def check_volume_file(path: Path, *, full_decode: bool = False, max_voxels: int 
                 issue = _nonfinite_issue(_raw_values(path, header.fmt))
                 if issue is not None:
                     return [Issue("nonfinite", f"{path}: {issue.message}")]
-        elif _is_dicom(path):
+        elif is_dicom(path):
             frames = _dicom_frames(path)
             if frames > 1:
                 return [Issue("unreadable", f"{path} is a multi-frame DICOM file ({frames} frames); convert it to NIfTI")]
@@ -298,7 +285,7 @@ def check_image_file(path: Path, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> lis
             if len([d for d in shape if d > 1]) >= 3:
                 return [Issue("dimensionality", f"{path} holds an array of shape {shape}: {_AS_IMAGE}")]
             return [Issue("unreadable", f"{path}: {suffix} is not an image format (use PNG, JPEG, BMP, TIFF or DICOM)")]
-        if _is_dicom(path):
+        if is_dicom(path):
             import pydicom
 
             ds = pydicom.dcmread(str(path))
@@ -306,7 +293,7 @@ def check_image_file(path: Path, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> lis
             if frames > 1:
                 return [Issue("dimensionality", f"{path} is a multi-frame DICOM ({frames} frames): {_AS_IMAGE}")]
             check_dicom_pixels(path, ds, max_pixels)
-            ds.pixel_array
+            ds.pixel_array  # noqa: B018 -- decoding the pixels is the check
             return []
         with open_image(path, max_pixels) as img:
             frames = getattr(img, "n_frames", 1)
@@ -340,7 +327,7 @@ def tokenizer_for(recipe):
     llm = recipe.model.llm
     try:
         if llm.preset is not None:
-            from medmvl_cli.config.resolve import PRESET_TEMPLATES
+            from medmvl_cli.config.names import PRESET_TEMPLATES
             from medmvl_cli.model.presets.tokenizer_files import load_preset_tokenizer
 
             return load_preset_tokenizer(PRESET_TEMPLATES[llm.preset])

@@ -19,14 +19,14 @@ from typing import Optional
 
 from PIL import Image
 
+from medmvl_cli.constants import BRANCH_PLACEHOLDERS
+from medmvl_cli.data.file_kinds import IMAGE_SUFFIXES, VOLUME_SUFFIXES, is_dicom
 from medmvl_cli.data.limits import DEFAULT_MAX_PIXELS, DEFAULT_MAX_VOXELS, TooLargeError
 from medmvl_cli.demo.viewer import DisplayVolume, to_display
 from medmvl_cli.errors import DataError, MedmvlError
 
 logger = logging.getLogger(__name__)
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".dcm", ".dicom")
-VOLUME_SUFFIXES = (".npy", ".nii", ".nii.gz", ".nrrd", ".mha", ".mhd")
 ACCEPTED = ("2D images: PNG, JPEG, BMP, TIFF or a single DICOM slice. 3D volumes: NIfTI (.nii, .nii.gz), "
             "NRRD, MHA, .npy (HU, D×H×W), or a .zip of one DICOM series.")
 TOO_LARGE_HINT = ("Upload a downsampled copy, or restart the demo with a larger `--max-voxels` (volumes) / "
@@ -55,7 +55,7 @@ class Study:
 
     @property
     def placeholder(self) -> str:
-        return "<image3d>" if self.kind == "image3d" else "<image>"
+        return BRANCH_PLACEHOLDERS[self.kind]
 
     def summary(self) -> str:
         if self.volume is not None:
@@ -82,18 +82,9 @@ def file_kind(path: Path) -> str:
         return "image3d"
     if name.endswith(IMAGE_SUFFIXES):
         return "image"
-    if _is_dicom(path):
+    if is_dicom(path):
         return "image"
     raise UploadError(f"{path.name}: not a file type the demo reads.", hint=ACCEPTED)
-
-
-def _is_dicom(path: Path) -> bool:
-    from pydicom.misc import is_dicom
-
-    try:
-        return is_dicom(path)
-    except OSError:
-        return False
 
 
 def open_study(path: str | Path, branches: tuple[str, ...], max_bytes: int,

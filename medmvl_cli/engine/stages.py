@@ -8,13 +8,14 @@ import os
 from pathlib import Path
 from typing import Optional
 
+from medmvl_cli.constants import RECIPES_DIR
 from medmvl_cli.config.schema import Recipe
-from medmvl_cli.engine.run_folder import BEST, write_atomic
+from medmvl_cli.runs.folder import BEST, write_atomic
 from medmvl_cli.errors import RunError
 
 logger = logging.getLogger(__name__)
 
-DEEPSPEED_CONFIGS = Path(__file__).resolve().parent / "deepspeed"
+DEEPSPEED_CONFIGS = RECIPES_DIR / "deepspeed"
 
 
 def compute_dtype(recipe: Recipe) -> str:
@@ -189,7 +190,7 @@ def train_stage(recipe: Recipe, *, resume: Optional[str] = None, overwrite: bool
     from medmvl_cli.config.loader import dump_recipe
     from medmvl_cli.data.collator import LVLMCollator
     from medmvl_cli.engine.callbacks import MetricsFile, TrainingProgress
-    from medmvl_cli.engine.run_folder import RunFolder
+    from medmvl_cli.runs.folder import RunFolder
     from medmvl_cli.engine.trainer import LVLMTrainer
     from medmvl_cli.model.builder import materialise_presets
 
@@ -307,7 +308,7 @@ def save_final_model(trainer, run, tokenizer, image_processor, recipe: Recipe) -
     from medmvl_cli.model.builder import save_model
 
     from medmvl_cli.data.templates import get_template
-    from medmvl_cli.engine.run_folder import STAGED_MODEL
+    from medmvl_cli.runs.folder import STAGED_MODEL
     from medmvl_cli.errors import is_disk_error, write_failure
 
     staging = run.root / STAGED_MODEL

@@ -10,24 +10,15 @@ once and reused for every question about it (CT-RATE files ask 3-5 questions per
 from __future__ import annotations
 
 import logging
-import os
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 from medmvl_cli.data.limits import DEFAULT_MAX_PIXELS, DEFAULT_MAX_VOXELS, overlong_turn
-from medmvl_cli.errors import DataError, RunError
+from medmvl_cli.errors import DataError
 
 logger = logging.getLogger(__name__)
-
-MODEL_ENV = "MEDMVL_MODEL"
-RUNS_DIR = Path("runs")
-GET_A_MODEL = (
-    "train one (`medmvl quickstart`, or `medmvl finetune recipes/quickstart/tiny-2d.yaml`), import one "
-    "(`medmvl import medm-vl SRC --out runs/NAME`), then pass --model runs/NAME or set MEDMVL_MODEL"
-)
-
 
 @dataclass
 class GenerationSettings:
@@ -77,48 +68,6 @@ def file_identity(path: Path) -> str:
     resolved = Path(path).resolve()
     stamps = [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in source_files(resolved)] if resolved.exists() else []
     return f"{resolved}|{hash(tuple(stamps))}"
-
-
-def choose_model(model: Optional[str]) -> tuple[Path, str]:
-    """(model folder, why it was chosen): --model, else $MEDMVL_MODEL, else the newest finished run
-    under ./runs. `model` may name a run folder or a model folder (`runs/NAME/model`, an export)."""
-    from medmvl_cli.engine.run_folder import newest_finished_run
-
-    env = os.environ.get(MODEL_ENV, "").strip()
-    if model:
-        chosen, origin, how = model, f"--model {model}", "--model"
-    elif env:
-        chosen, origin, how = env, f"${MODEL_ENV}={env}", f"from ${MODEL_ENV}"
-    else:
-        run = newest_finished_run(RUNS_DIR)
-        if run is None:
-            raise RunError(f"no model: no --model, no ${MODEL_ENV}, and no finished run under ./{RUNS_DIR}"
-                           + _unfinished_note(), hint=GET_A_MODEL)
-        chosen, origin, how = str(run), str(run), f"the newest finished run under ./{RUNS_DIR}"
-    path = Path(chosen).expanduser()
-    if (path / "model" / "config.json").is_file():
-        return path / "model", how
-    if (path / "config.json").is_file():
-        return path, how
-    what = "does not exist" if not path.exists() else "is neither a run folder with model/ nor a model folder"
-    raise RunError(f"{origin}: {path} {what}",
-                   hint="point it at runs/NAME (a run) or a folder written by `medmvl export`; to get a model, "
-                        + GET_A_MODEL)
-
-
-def _unfinished_note() -> str:
-    if not RUNS_DIR.is_dir():
-        return ""
-    unfinished = sorted(p.name for p in RUNS_DIR.iterdir() if p.is_dir() and not (p / "FINISHED").is_file())
-    if not unfinished:
-        return ""
-    return (f" ({', '.join(unfinished[:3])}{' ...' if len(unfinished) > 3 else ''} did not finish; "
-            "resume with --resume auto, or pass --model to use its model/ anyway)")
-
-
-def resolve_model_dir(model: Optional[str]) -> Path:
-    """--model, else $MEDMVL_MODEL, else the newest finished run under ./runs; a run folder or its model/."""
-    return choose_model(model)[0]
 
 
 class Predictor:

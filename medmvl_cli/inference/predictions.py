@@ -21,9 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Optional
 
+from medmvl_cli.constants import IMAGE_PLACEHOLDER, VOLUME_PLACEHOLDER
 from medmvl_cli.data.annotations import (
-    IMAGE_PLACEHOLDER,
-    VOLUME_PLACEHOLDER,
     AnnotationFile,
     Record,
     default_root,

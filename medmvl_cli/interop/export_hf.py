@@ -15,7 +15,7 @@ causal LM whose output head has no bias) is written as `LlavaForConditionalGener
 - the tokenizer (with `<image>`), the processor (`patch_size`, `num_additional_image_tokens`,
   `vision_feature_select_strategy`) and our chat template (`jinja` of the run's template).
 
-`transformers4=True` writes what transformers 4.x loads instead (see `hf_transformers4.py`).
+`transformers4=True` writes what transformers 4.x loads instead (see `llava_transformers4.py`).
 Anything that is not LLaVA (a 3D branch, pooling connectors, depth != 2, no GELU) is refused with
 every reason listed.
 """
@@ -29,12 +29,12 @@ from typing import Any, Optional
 
 import torch
 
+from medmvl_cli.constants import IMAGE_PLACEHOLDER
 from medmvl_cli.errors import ModelError
 
 logger = logging.getLogger(__name__)
 
 LLAVA_ENCODERS = ("clip", "siglip")
-IMAGE_TOKEN = "<image>"
 SHARD_SIZE = "2GB"
 
 
@@ -163,8 +163,8 @@ def export_hf_llava(model_dir: Path, out: Path, *, overwrite: bool = False, tran
     from transformers import GenerationConfig, LlavaProcessor
 
     from medmvl_cli.data.templates import get_template
-    from medmvl_cli.interop.export_medmvl import saved_dtype
-    from medmvl_cli.interop.hf_transformers4 import convert_folder_for_transformers4
+    from medmvl_cli.interop.export_native import saved_dtype
+    from medmvl_cli.interop.llava_transformers4 import convert_folder_for_transformers4
     from medmvl_cli.interop.staging import EXPORT, check_output, staged_folder, write_export_manifest
     from medmvl_cli.model.builder import load_model
 
@@ -174,7 +174,7 @@ def export_hf_llava(model_dir: Path, out: Path, *, overwrite: bool = False, tran
     if model.image_window():
         logger.warning("the model windows DICOM images to %s before its processor; LLaVA's processor takes RGB "
                        "images: window DICOM files the same way first", list(model.image_window()))
-    image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+    image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_PLACEHOLDER)
     if image_token_id != model.config.image_token_id:
         raise ModelError(
             f"{model_dir}: the tokenizer's <image> id is {image_token_id} but the model's is {model.config.image_token_id}",
@@ -188,7 +188,7 @@ def export_hf_llava(model_dir: Path, out: Path, *, overwrite: bool = False, tran
     processor = LlavaProcessor(
         image_processor=image_processor, tokenizer=tokenizer, chat_template=chat_template,
         patch_size=int(encoder["vision_config"]["patch_size"]), vision_feature_select_strategy=strategy,
-        num_additional_image_tokens=additional, image_token=IMAGE_TOKEN,
+        num_additional_image_tokens=additional, image_token=IMAGE_PLACEHOLDER,
     )
     with staged_folder(out, overwrite, EXPORT) as staging:
         (staging / "config.json").write_text(json.dumps(llava_config_dict(model, image_token_id), indent=2) + "\n")

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Callable, Iterator, Optional
 
 from medmvl_cli import __version__
-from medmvl_cli.engine import run_folder
+from medmvl_cli.runs import folder as run_folder
 from medmvl_cli.errors import MedmvlError, RunError, is_disk_error, write_failure
 
 logger = logging.getLogger(__name__)

@@ -18,6 +18,7 @@ from typing import Any, Optional
 
 import torch
 
+from medmvl_cli.constants import IMAGE_PLACEHOLDER, VOLUME_PLACEHOLDER
 from medmvl_cli.errors import ModelError
 from medmvl_cli.model.weight_files import check_safetensors
 from medmvl_cli.model.configuration import MedmvlConfig, register
@@ -25,8 +26,6 @@ from medmvl_cli.model.encoders import encoder_from_recipe
 from medmvl_cli.model.encoders.base import mark_loaded
 from medmvl_cli.model.encoders.hf_tower import image_processor_from_arch, tower_folder
 from medmvl_cli.model.llm import (
-    IMAGE3D_TOKEN,
-    IMAGE_TOKEN,
     check_attn_implementation,
     encoder_attn_implementation,
     ensure_placeholder_tokens,
@@ -67,8 +66,8 @@ def build_model(
         text_config=llm.config,
         image=settings.get("image"),
         image3d=settings.get("image3d"),
-        image_token_id=token_ids[IMAGE_TOKEN],
-        image3d_token_id=token_ids[IMAGE3D_TOKEN],
+        image_token_id=token_ids[IMAGE_PLACEHOLDER],
+        image3d_token_id=token_ids[VOLUME_PLACEHOLDER],
         template=spec.llm.template,
         max_length=spec.llm.max_length,
         # Without it the config would reset the shared LLM config's attention kernel to None.

@@ -10,14 +10,11 @@ from typing import Any, Optional
 
 import torch
 
+from medmvl_cli.constants import PLACEHOLDERS
 from medmvl_cli.errors import ModelError
 from medmvl_cli.model.weight_files import check_safetensors
 
 logger = logging.getLogger(__name__)
-
-IMAGE_TOKEN = "<image>"
-IMAGE3D_TOKEN = "<image3d>"
-PLACEHOLDERS = (IMAGE_TOKEN, IMAGE3D_TOKEN)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 

@@ -26,8 +26,9 @@ from pathlib import Path
 from typing import Optional
 from urllib.parse import unquote, urlparse
 
-from medmvl_cli.data.image_io import IMAGE_SUFFIXES
-from medmvl_cli.data.templates import IMAGE3D_TOKEN, IMAGE_TOKEN, count_placeholders
+from medmvl_cli.constants import IMAGE_PLACEHOLDER, VOLUME_PLACEHOLDER
+from medmvl_cli.data.file_kinds import IMAGE_SUFFIXES
+from medmvl_cli.data.templates import count_placeholders
 from medmvl_cli.inference.generate import Request, file_identity
 from medmvl_cli.serve.schemas import APIError, ChatCompletionRequest, FilePart, ImagePart
 
@@ -206,7 +207,7 @@ class MediaStore:
     @staticmethod
     def _check_placeholders(request: Request) -> None:
         counts = count_placeholders(request.messages)
-        for token, media, part in ((IMAGE_TOKEN, request.images, "image_url"), (IMAGE3D_TOKEN, request.volumes, "file")):
+        for token, media, part in ((IMAGE_PLACEHOLDER, request.images, "image_url"), (VOLUME_PLACEHOLDER, request.volumes, "file")):
             if counts[token] != len(media):
                 raise APIError(400, f"the messages hold {counts[token]} {token} for {len(media)} {part} part(s); send "
                                     f"media as parts and leave {token} out of the text", param="messages")

@@ -151,11 +151,11 @@ def test_a_non_empty_out_is_refused_and_overwrite_replaces_only_exports(tmp_path
 
 
 def test_a_failed_export_leaves_the_old_folder_and_no_staging(tmp_path, monkeypatch):
-    from medmvl_cli.interop import export_medmvl
+    from medmvl_cli.interop import export_native
 
     source = model_folder(tmp_path / "source", SIGLIP_LLAMA)
     out = tmp_path / "export"
-    export_medmvl.export_medmvl(source, out)
+    export_native.export_medmvl(source, out)
     before = sorted(p.name for p in out.iterdir())
 
     def broken(model, folder, *args, **kwargs):
@@ -164,7 +164,7 @@ def test_a_failed_export_leaves_the_old_folder_and_no_staging(tmp_path, monkeypa
 
     monkeypatch.setattr("medmvl_cli.model.builder.save_model", broken)
     with pytest.raises(RunError, match=f"cannot write --out at {out} \\(disk full\\)"):
-        export_medmvl.export_medmvl(source, out, overwrite=True, dtype="bfloat16")
+        export_native.export_medmvl(source, out, overwrite=True, dtype="bfloat16")
     assert sorted(p.name for p in out.iterdir()) == before
     assert json.loads((out / "config.json").read_text())["dtype"] == "float32"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["export", "source"]
@@ -383,7 +383,7 @@ def test_transformers4_variant_matches_what_transformers4_loads(tmp_path, synth_
 
 
 def test_transformers4_text_config_keeps_rope_settings():
-    from medmvl_cli.interop.hf_transformers4 import text_config_for_transformers4
+    from medmvl_cli.interop.llava_transformers4 import text_config_for_transformers4
 
     plain = text_config_for_transformers4({"rope_parameters": {"rope_theta": 1e6, "rope_type": "default"}, "dtype": "bfloat16"})
     assert plain == {"rope_theta": 1e6, "dtype": "bfloat16", "torch_dtype": "bfloat16"}

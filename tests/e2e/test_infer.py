@@ -23,7 +23,8 @@ from typer.testing import CliRunner
 
 from medmvl_cli.cli.app import app
 from medmvl_cli.cli.infer_cmd import DEFAULT_PROMPTS
-from medmvl_cli.inference.generate import GenerationSettings, Predictor, Request, choose_model
+from medmvl_cli.inference.generate import GenerationSettings, Predictor, Request
+from medmvl_cli.runs.resolve import choose_model
 from medmvl_cli.inference.predictions import ROW_KEYS, predict_file
 
 runner = CliRunner()

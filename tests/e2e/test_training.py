@@ -162,7 +162,7 @@ def test_pretrain_then_finetune_chain(recipe_3d):
 
 
 def test_component_learning_rates_and_no_decay_on_norms_and_biases(recipe_2d, tmp_path):
-    from medmvl_cli.engine.run_folder import RunFolder
+    from medmvl_cli.runs.folder import RunFolder
     from medmvl_cli.engine.stages import build_training_model, component_learning_rates, training_arguments
     from medmvl_cli.engine.trainer import LVLMTrainer
 

@@ -392,7 +392,8 @@ def test_the_command_listens_on_this_machine_only_and_never_shares_by_default():
 @pytest.fixture(scope="module")
 def real_predictor(tmp_path_factory):
     """A two-branch tiny model trained a few steps (tests/e2e/demo_support.py), loaded by the real Predictor."""
-    from medmvl_cli.inference.generate import Predictor, resolve_model_dir
+    from medmvl_cli.inference.generate import Predictor
+    from medmvl_cli.runs.resolve import resolve_model_dir
     from tests.e2e.demo_support import tiny_model
 
     run = tiny_model(tmp_path_factory)

@@ -24,7 +24,7 @@ from typer.testing import CliRunner
 
 from medmvl_cli.cli.app import app
 from medmvl_cli.errors import ModelError, RunError
-from medmvl_cli.interop.import_medmvl import import_medm_vl
+from medmvl_cli.interop.medm_vl.importer import import_medm_vl
 from medmvl_cli.model.builder import load_model
 
 runner = CliRunner()

@@ -258,14 +258,10 @@ def test_save_in_another_dtype_from_a_given_state_dict(tmp_path, both):
 
 def test_branch_settings_for_the_data_side(both, tmp_path):
     model, _, _ = both
-    assert model.has_branch("image") and model.has_branch("image3d")
     assert model.image_window() is None
-    volume = model.volume_config()
-    assert tuple(volume.size) == (8, 32, 32) and volume.window == (-1000.0, 1000.0)
     text = BOTH.format(llm="tiny-qwen2", attn="sdpa").split("  image3d:")[0].replace(
         "connector: {type: mlp, depth: 2}", "connector: {type: mlp, depth: 2}\n    window: [-160, 240]")
     only_2d, _, _ = make(tmp_path, text)
-    assert not only_2d.has_branch("image3d") and only_2d.volume_config() is None
     assert only_2d.image_window() == (-160.0, 240.0)
 
 
@@ -311,31 +307,6 @@ def test_lora_saves_base_weights_and_adapter_and_loads_wrapped(tmp_path, both):
     assert type(merged_on_load.llm).__name__ != "PeftModelForCausalLM" and merged_on_load.config.llm_adapter is None
     with torch.no_grad():
         assert torch.allclose(merged_on_load.eval()(input_ids=ids, pixel_values=pixels, volumes=volume).logits, before, atol=1e-4)
-
-
-def test_load_weights_from_restores_a_lora_model_in_place(tmp_path):
-    text = BOTH.format(llm="tiny-phi3", attn="sdpa")
-    lora = {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": "all-linear"}
-    model, tokenizer, processor = make(tmp_path / "a", text)
-    apply_lora(model, lora)
-    with torch.no_grad():
-        for param in model.parameters():
-            param.add_(torch.randn_like(param) * 0.05)  # "trained": every tensor moved, adapter included
-    folder = save_model(model, tmp_path / "checkpoint", tokenizer, processor)
-    ids = torch.tensor([ids_for(model, [3, "I", 2, "V", 4])])
-    pixels, volume = torch.randn(1, 3, 32, 32), torch.rand(1, 1, 8, 32, 32)
-
-    fresh, _, _ = make(tmp_path / "b", text)
-    with pytest.raises(ModelError, match="not wrapped"):
-        fresh.load_weights_from(folder)
-    apply_lora(fresh, lora)
-    fresh.load_weights_from(folder)
-    with torch.no_grad():
-        expected = model(input_ids=ids, pixel_values=pixels, volumes=volume).logits
-        assert torch.equal(fresh(input_ids=ids, pixel_values=pixels, volumes=volume).logits, expected)
-    other, _, _ = make(tmp_path / "c", BOTH.format(llm="tiny-qwen2", attn="sdpa"))
-    with pytest.raises(ModelError, match="do not fit this model"):
-        other.load_weights_from(folder)
 
 
 # ------------------------------------------------------------------------------ trainable

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Iterator, Optional, Sequence
 
+from medmvl_cli.constants import IMAGE_PLACEHOLDER, VOLUME_PLACEHOLDER
 from medmvl_cli.data.annotations import QUESTION_TYPES
 from medmvl_cli.errors import DataError
 IMAGE_BYTES_DIR = "images"
@@ -57,7 +58,7 @@ def vqa_record(
     """One MedM-VL record: placeholders first, then the question; the answer as the gpt turn."""
     if question_type not in QUESTION_TYPES:
         raise ValueError(f"question_type {question_type!r} is not one of {QUESTION_TYPES}")
-    placeholders = "<image>\n" * len(images) + "<image3d>\n" * len(volumes)
+    placeholders = f"{IMAGE_PLACEHOLDER}\n" * len(images) + f"{VOLUME_PLACEHOLDER}\n" * len(volumes)
     record: dict = {"id": rid}
     if images:
         record["image"] = list(images)
@@ -75,7 +76,7 @@ def vqa_record(
 
 def yes_no_type(answer: str) -> str:
     """closed for a yes / no answer, else open: the rule of the PathVQA and VQA-RAD parquet cards."""
-    from medmvl_cli.evaluation.metrics import is_yes_no
+    from medmvl_cli.data.answer_text import is_yes_no
 
     return "closed" if is_yes_no(answer) else "open"
 

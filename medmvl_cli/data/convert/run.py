@@ -20,7 +20,7 @@ from medmvl_cli.errors import DataError
 
 log = logging.getLogger(__name__)
 
-Row = Union[dict, list, Dropped]
+Row = dict | list | Dropped
 
 
 @dataclass(frozen=True)

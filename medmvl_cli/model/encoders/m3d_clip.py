@@ -20,9 +20,9 @@ from pathlib import Path
 from typing import Any, ClassVar, Optional
 
 from medmvl_cli.errors import ModelError
-from medmvl_cli.model.encoders.monai_vit import MonaiViT3d
-from medmvl_cli.model.encoders.released import optional_size, read_config
-from medmvl_cli.model.encoders.volume_vit import VolumeViTEncoder, check_patch_grid, check_released_volume_size
+from medmvl_cli.model.encoders.monai_vit3d_module import MonaiViT3d
+from medmvl_cli.model.encoders.released_weights import optional_size, read_config
+from medmvl_cli.model.encoders.volume_vit_base import VolumeViTEncoder, check_patch_grid, check_released_volume_size
 
 M3D_DEFAULTS = {
     "img_size": (32, 256, 256), "patch_size": (4, 16, 16), "hidden_size": 768, "mlp_dim": 3072,

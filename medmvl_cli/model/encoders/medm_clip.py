@@ -25,8 +25,8 @@ from typing import Any, ClassVar, Optional
 import torch
 from torch import nn
 
-from medmvl_cli.model.encoders.released import read_config
-from medmvl_cli.model.encoders.volume_vit import VolumeViTEncoder, check_patch_grid, check_released_volume_size
+from medmvl_cli.model.encoders.released_weights import read_config
+from medmvl_cli.model.encoders.volume_vit_base import VolumeViTEncoder, check_patch_grid, check_released_volume_size
 
 MEAN, STD = 55.6982188356434, 66.1943479570918
 MEDM_DEFAULTS = {
@@ -71,6 +71,13 @@ class MedmClipViT(nn.Module):
         )
         self.grid = grid
         self.gradient_checkpointing = False
+
+    def init_own_weights(self, std: float) -> None:
+        """Its embeddings N(0, std); called by `MedmvlPreTrainedModel._init_weights`."""
+        from transformers import initialization as init
+
+        init.normal_(self.pos_embedding, mean=0.0, std=std)
+        init.normal_(self.cls_token, mean=0.0, std=std)
 
     def hidden_states(self, x: torch.Tensor, upto: int) -> torch.Tensor:
         """(N, 1, D, H, W) z-scored -> hidden state `upto` (0 = embeddings), (N, 1 + patches, dim)."""

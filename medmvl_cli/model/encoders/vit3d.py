@@ -14,9 +14,9 @@ from pathlib import Path
 from typing import Any, ClassVar, Optional
 
 from medmvl_cli.errors import ModelError
-from medmvl_cli.model.encoders.monai_vit import MonaiViT3d
-from medmvl_cli.model.encoders.released import read_config
-from medmvl_cli.model.encoders.volume_vit import VolumeViTEncoder, check_patch_grid
+from medmvl_cli.model.encoders.monai_vit3d_module import MonaiViT3d
+from medmvl_cli.model.encoders.released_weights import read_config
+from medmvl_cli.model.encoders.volume_vit_base import VolumeViTEncoder, check_patch_grid
 
 logger = logging.getLogger(__name__)
 

@@ -98,7 +98,7 @@ def choose_checkpoint(checkpoints: list[Path]) -> Optional[Path]:
 
 def verify_requested(checkpoint: Path, own_checkpoints: Path) -> Path:
     """--resume PATH: PATH must be an intact checkpoint in a run folder medmvl made."""
-    from medmvl_cli.engine.run_folder import RunFolder, has_marker
+    from medmvl_cli.runs.folder import RunFolder, has_marker
 
     if not checkpoint.is_dir():
         raise RunError(f"--resume {checkpoint}: no such checkpoint folder",

@@ -1,7 +1,7 @@
 """`medmvl import medm-vl`: a MedM-VL checkpoint folder -> a medmvl run folder.
 
 The checkpoint is converted file to file: MedM-VL's settings become a medmvl model config and its
-weights are renamed into medmvl's layout (`medmvl_mapping.py`: every key accounted for, a key with
+weights are renamed into medmvl's layout (`medm_vl/mapping.py`: every key accounted for, a key with
 no place or a weight the model needs that the checkpoint lacks is an error naming it); the
 tokenizer gains the `<image>` / `<image3d>` placeholders (the embeddings grow when they must); the
 run folder gets recipe.yaml, model/ and FINISHED, and its model is loaded once before the folder
@@ -17,14 +17,14 @@ from typing import Any, Optional
 import torch
 
 from medmvl_cli.errors import ModelError
-from medmvl_cli.interop.medmvl_checkpoint import MedmvlCheckpoint, has_tokenizer, llm_config, read_checkpoint
-from medmvl_cli.interop.medmvl_mapping import Branch, Plan, check_weights, plan_import, rename_weights
+from medmvl_cli.interop.medm_vl.checkpoint import MedmVlCheckpoint, has_tokenizer, llm_config, read_checkpoint
+from medmvl_cli.interop.medm_vl.mapping import Branch, Plan, check_weights, plan_import, rename_weights
 
 logger = logging.getLogger(__name__)
 
 
 # ----------------------------------------------------------------------------------- the import
-def load_tokenizer(checkpoint: MedmvlCheckpoint, tokenizer_dir: Optional[Path], llm_dir: Optional[Path], text_config):
+def load_tokenizer(checkpoint: MedmVlCheckpoint, tokenizer_dir: Optional[Path], llm_dir: Optional[Path], text_config):
     """The LLM's tokenizer: saved beside the weights, else --tokenizer, else the --llm folder's."""
     from transformers import AutoTokenizer
 
@@ -47,7 +47,7 @@ def add_placeholders(tokenizer) -> dict[str, int]:
     """`<image>` / `<image3d>` as single special tokens (MedM-VL used ids outside the vocabulary)."""
     from tokenizers import AddedToken
 
-    from medmvl_cli.model.llm import PLACEHOLDERS
+    from medmvl_cli.constants import PLACEHOLDERS
 
     missing = [t for t in PLACEHOLDERS if t not in tokenizer.get_vocab()]
     if missing:
@@ -91,15 +91,15 @@ def grow_embeddings(weights: dict[str, torch.Tensor], names: tuple[str, str], ro
         weights[name] = torch.cat([old, extra])
 
 
-def model_config(checkpoint: MedmvlCheckpoint, plan: Plan, text_config, token_ids: dict[str, int]):
+def model_config(checkpoint: MedmVlCheckpoint, plan: Plan, text_config, token_ids: dict[str, int]):
     """The medmvl model config (`MedmvlConfig`) of the imported model."""
     from medmvl_cli.model.configuration import MedmvlConfig
-    from medmvl_cli.model.llm import IMAGE3D_TOKEN, IMAGE_TOKEN
+    from medmvl_cli.constants import IMAGE_PLACEHOLDER, VOLUME_PLACEHOLDER
 
     settings = {b.name: branch_settings(b) for b in plan.branches}
     config = MedmvlConfig(
         text_config=text_config, image=settings.get("image"), image3d=settings.get("image3d"),
-        image_token_id=token_ids[IMAGE_TOKEN], image3d_token_id=token_ids[IMAGE3D_TOKEN], template=plan.template,
+        image_token_id=token_ids[IMAGE_PLACEHOLDER], image3d_token_id=token_ids[VOLUME_PLACEHOLDER], template=plan.template,
         max_length=int(checkpoint.get("llm_max_length") or 2048), attn_implementation="sdpa",
     )
     config.architectures = ["MedmvlForConditionalGeneration"]
@@ -133,7 +133,7 @@ def import_medm_vl(src: Path, out: Path, *, tokenizer_dir: Optional[Path] = None
                    slice_pooling: str = "concat",
                    dtype: Optional[str] = None, allow_approximate: bool = False, overwrite: bool = False) -> Path:
     """Convert the MedM-VL checkpoint in `src` into the run folder `out` (written atomically)."""
-    from medmvl_cli.engine.run_folder import write_marker
+    from medmvl_cli.runs.folder import write_marker
     from medmvl_cli.interop.staging import RUN, check_output, staged_folder
     from medmvl_cli.model.llm import resolve_dtype
 
@@ -183,7 +183,7 @@ def write_model(folder: Path, config, weights: dict[str, torch.Tensor], tokenize
     del model
 
 
-def recipe_tree(checkpoint: MedmvlCheckpoint, plan: Plan, out: Path) -> dict[str, Any]:
+def recipe_tree(checkpoint: MedmVlCheckpoint, plan: Plan, out: Path) -> dict[str, Any]:
     """The recipe that describes the imported model (the paths are where MedM-VL took its parts)."""
     model: dict[str, Any] = {"llm": {
         "path": checkpoint.get("llm_name_or_path") or str(checkpoint.folder), "template": plan.template,
@@ -200,12 +200,12 @@ def recipe_tree(checkpoint: MedmvlCheckpoint, plan: Plan, out: Path) -> dict[str
     return {"stage": "finetune", "output_dir": str(out.absolute()), "model": model}
 
 
-def write_run_files(staging: Path, out: Path, checkpoint: MedmvlCheckpoint, plan: Plan) -> None:
+def write_run_files(staging: Path, out: Path, checkpoint: MedmVlCheckpoint, plan: Plan) -> None:
     from medmvl_cli import __version__
     from medmvl_cli.config.loader import dump_recipe
     from medmvl_cli.config.resolve import resolve_stage
     from medmvl_cli.config.schema import Recipe
-    from medmvl_cli.engine.run_folder import RECIPE, RunFolder, git_revision
+    from medmvl_cli.runs.folder import RECIPE, RunFolder, git_revision
 
     recipe, _ = resolve_stage(Recipe.model_validate(recipe_tree(checkpoint, plan, out)), "finetune")
     header = [f"# medmvl {__version__}, git {git_revision()}",

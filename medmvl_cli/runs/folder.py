@@ -6,7 +6,7 @@ runs/NAME/
   recipe.yaml          the resolved recipe, headed by medmvl version and git revision
   model/               the final model, self-contained
   checkpoints/step-N/  resumable training state (renamed into place only when complete), with
-                       medmvl-checksums.json: size and SHA-256 of every file in it (engine/checkpoint.py)
+                       medmvl-checksums.json: size and SHA-256 of every file in it (runs/checkpoint.py)
   metrics.jsonl        one line per logged step, one per evaluation
   best.json            which evaluation was the best (metric, step, value), with data.eval
   logs/                TensorBoard
@@ -168,7 +168,7 @@ class RunFolder:
 
     def resume_checkpoint(self, resume: Optional[str]) -> Optional[Path]:
         """The verified checkpoint `--resume auto | PATH` continues from (None: start afresh)."""
-        from medmvl_cli.engine.checkpoint import choose_checkpoint, verify_requested
+        from medmvl_cli.runs.checkpoint import choose_checkpoint, verify_requested
 
         if resume == "auto":
             return choose_checkpoint(self.checkpoints())
@@ -207,12 +207,3 @@ class RunFolder:
 
     def mark_finished(self) -> None:
         write_atomic(self.root / FINISHED, f"medmvl {__version__}\n")
-
-
-def newest_finished_run(runs_dir: str | Path = "runs") -> Optional[Path]:
-    """The most recently finished run under `runs_dir` (by its FINISHED time), or None."""
-    runs_dir = Path(runs_dir)
-    if not runs_dir.is_dir():
-        return None
-    finished = [p for p in runs_dir.iterdir() if (p / FINISHED).is_file() and (p / MODEL_DIR).is_dir()]
-    return max(finished, key=lambda p: (p / FINISHED).stat().st_mtime, default=None)

@@ -16,7 +16,7 @@ from torch import nn
 
 from medmvl_cli.errors import ModelError
 from medmvl_cli.model.encoders.base import Encoder, TokenLayout, check_select_layer, mark_loaded
-from medmvl_cli.model.encoders.released import load_vision_weights, read_state_dict
+from medmvl_cli.model.encoders.released_weights import load_vision_weights, read_state_dict
 
 
 def check_patch_grid(img_size: Sequence[int], patch_size: Sequence[int], what: str) -> None:
