@@ -68,7 +68,7 @@ def _dry_run(recipe, recipe_yaml: str, command: str) -> None:
     from medmvl_cli.model.trainable import parameter_counts
 
     typer.echo(recipe_yaml, nl=False)
-    model, _, _ = build_training_model(recipe)
+    model, _ = build_training_model(recipe)
     table = Table(title="parameters")
     for column in ("component", "total", "trainable"):
         table.add_column(column, justify="right" if column != "component" else "left")

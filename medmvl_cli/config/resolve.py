@@ -56,15 +56,6 @@ def cross_check(tree: dict, stage: Optional[str]) -> list[Problem]:
                         f"trainable.{key}", f"is set but the model has no `model.{branch}` branch",
                         hint=f"add `model.{branch}` or remove `trainable.{key}`",
                     ))
-    image3d = model.get("image3d") if isinstance(model.get("image3d"), dict) else {}
-    encoder, size = _get(image3d, "encoder") or {}, _get(image3d, "volume", "size")
-    if isinstance(encoder, dict) and encoder.get("type") == "slices" and isinstance(size, list) and size:
-        slices = encoder.get("num_slices", 32)
-        if isinstance(slices, int) and slices != size[0]:
-            problems.append(Problem(
-                "model.image3d.encoder.num_slices", f"is {slices} but model.image3d.volume.size[0] is {size[0]}",
-                hint="a slices encoder takes every slice of the preprocessed volume: make them equal",
-            ))
     problems += _tracker_problems(_get(tree, "train", "report_to"))
     problems += _best_checkpoint_problems(tree)
     deepspeed = _get(tree, "distributed", "deepspeed")

@@ -8,6 +8,7 @@ schema describes what a user may write and `config show` prints what will actual
 from __future__ import annotations
 
 import difflib
+import math
 from typing import Annotated, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -207,7 +208,7 @@ class VolumeConfig(Section):
     @field_validator("spacing")
     @classmethod
     def _spacing_positive(cls, v):
-        if v is not None and min(v) <= 0:
+        if v is not None and (min(v) <= 0 or not all(math.isfinite(s) for s in v)):
             raise ValueError("spacing values must be positive (mm)")
         return v
 
@@ -219,6 +220,13 @@ class VolumeConfig(Section):
         if len(v) != 3 or sorted(axis_of.get(c, -1) for c in v) != [0, 1, 2]:
             raise ValueError(f"orientation {v!r} must name each of L/R, A/P, S/I once, e.g. RAS or LPS")
         return v
+
+    @model_validator(mode="after")
+    def _square_for_turns(self):
+        if self.augment.rotate90_prob > 0 and self.size[1] != self.size[2]:
+            raise ValueError(f"augment.rotate90_prob: 90° turns in the H×W plane need H == W, size is {list(self.size)}; "
+                             "use a square H×W or set rotate90_prob to 0")
+        return self
 
 
 # --------------------------------------------------------------------------------------- branches
@@ -238,6 +246,14 @@ class Image3dBranch(Section):
     encoder: VolumeEncoder = Field(description="The 3D encoder (chosen by `type`).")
     connector: Connector = Field(description="Maps encoder features to LLM tokens (chosen by `type`).")
     volume: VolumeConfig = Field(default_factory=VolumeConfig, description="Volume preprocessing.")
+
+    @model_validator(mode="after")
+    def _slices_take_every_slice(self):
+        if self.encoder.type == "slices" and self.encoder.num_slices != self.volume.size[0]:
+            raise ValueError(f"slices encoder: num_slices is {self.encoder.num_slices} but volume.size[0] is "
+                             f"{self.volume.size[0]}; a slices encoder takes every slice of the preprocessed "
+                             "volume: make them equal")
+        return self
 
 
 class LLMConfig(Section):

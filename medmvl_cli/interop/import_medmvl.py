@@ -58,12 +58,7 @@ def add_placeholders(tokenizer) -> dict[str, int]:
 
 
 def branch_settings(branch: Branch) -> dict[str, Any]:
-    from medmvl_cli.config.schema import VolumeConfig
-
-    if branch.name == "image":
-        return {"encoder": branch.arch, "connector": branch.connector, "window": None}
-    volume = VolumeConfig.model_validate(branch.volume).model_dump(mode="json")
-    return {"encoder": branch.arch, "connector": branch.connector, "volume": volume}
+    return {"encoder": branch.arch, "connector": branch.connector}
 
 
 def expected_weights(config) -> tuple[dict[str, torch.Size], str, str]:
@@ -99,8 +94,7 @@ def model_config(checkpoint: MedmvlCheckpoint, plan: Plan, text_config, token_id
     settings = {b.name: branch_settings(b) for b in plan.branches}
     config = MedmvlConfig(
         text_config=text_config, image=settings.get("image"), image3d=settings.get("image3d"),
-        image_token_id=token_ids[IMAGE_TOKEN], image3d_token_id=token_ids[IMAGE3D_TOKEN], template=plan.template,
-        max_length=int(checkpoint.get("llm_max_length") or 2048), attn_implementation="sdpa",
+        image_token_id=token_ids[IMAGE_TOKEN], image3d_token_id=token_ids[IMAGE3D_TOKEN], attn_implementation="sdpa",
     )
     config.architectures = ["MedmvlForConditionalGeneration"]
     return config
@@ -140,7 +134,7 @@ def import_medm_vl(src: Path, out: Path, *, tokenizer_dir: Optional[Path] = None
     out = Path(out)
     check_output(out, overwrite, RUN)
     checkpoint = read_checkpoint(src)
-    plan, processor = plan_import(
+    plan, image_processor = plan_import(
         checkpoint, branch=branch, num_slices=num_slices, slice_pooling=slice_pooling, template=template,
         image_encoder_dir=image_encoder_dir, image3d_encoder_dir=image3d_encoder_dir, allow_approximate=allow_approximate,
     )
@@ -159,27 +153,35 @@ def import_medm_vl(src: Path, out: Path, *, tokenizer_dir: Optional[Path] = None
         logger.info("import: %s", note)
     with staged_folder(out, overwrite, RUN) as staging:
         write_marker(staging)
-        write_model(staging / "model", config, weights, tokenizer, processor)
+        write_model(staging / "model", config, weights, data_processor(checkpoint, plan, config, tokenizer, image_processor))
         write_run_files(staging, out, checkpoint, plan)
     logger.info("imported %s into %s", src, out)
     return out
 
 
-def write_model(folder: Path, config, weights: dict[str, torch.Tensor], tokenizer, processor) -> None:
+def data_processor(checkpoint: MedmvlCheckpoint, plan: Plan, config, tokenizer, image_processor):
+    """The imported model's `MedmvlProcessor`: MedM-VL's prompt format and max_length, the volume
+    preprocessing of the plan, the token counts of the model's branches."""
+    from medmvl_cli.data.processor import MedmvlProcessor
+    from medmvl_cli.model.token_counts import placeholder_lengths_for_config
+
+    volumes = [b.volume for b in plan.branches if b.volume is not None]
+    return MedmvlProcessor(tokenizer, plan.template, max_length=int(checkpoint.get("llm_max_length") or 2048),
+                           tokens=placeholder_lengths_for_config(config), image_processor=image_processor,
+                           volume=volumes[0] if volumes else None)
+
+
+def write_model(folder: Path, config, weights: dict[str, torch.Tensor], processor) -> None:
     """The medmvl model folder, then loaded once to prove it loads."""
     from huggingface_hub import save_torch_state_dict
 
-    from medmvl_cli.data.templates import get_template
-    from medmvl_cli.model.builder import load_model
+    from medmvl_cli.inference.load import load
 
     folder.mkdir(parents=True)
     config.save_pretrained(folder)
     save_torch_state_dict(weights, folder, max_shard_size="2GB", metadata={"format": "pt"})
-    tokenizer.chat_template = get_template(config.template).jinja(tokenizer)
-    tokenizer.save_pretrained(folder)
-    if processor is not None:
-        processor.save_pretrained(folder)
-    model = load_model(folder, dtype=config.dtype)[0]
+    processor.save_pretrained(folder)
+    model, _ = load(folder, dtype=config.dtype, device=None)
     del model
 
 

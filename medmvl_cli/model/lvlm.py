@@ -141,19 +141,6 @@ class MedmvlForConditionalGeneration(MedmvlPreTrainedModel):
             raise ModelError(f"unknown branch {branch!r}", hint="use image or image3d")
         return getattr(self, f"{branch}_encoder") is not None
 
-    def image_window(self) -> Optional[tuple[float, float]]:
-        """The DICOM window of the 2D branch (None: the file's own, or no 2D branch)."""
-        window = (self.config.image or {}).get("window")
-        return tuple(window) if window else None
-
-    def volume_config(self):
-        """The 3D branch's volume preprocessing as the recipe's `VolumeConfig` (None without it)."""
-        if self.config.image3d is None:
-            return None
-        from medmvl_cli.config.schema import VolumeConfig
-
-        return VolumeConfig.model_validate(self.config.image3d["volume"])
-
     def num_tokens(self, branch: str) -> int:
         """LLM tokens one image (`image`) or one volume (`image3d`) becomes: the number of
         placeholder ids the data side writes for each `<image>` / `<image3d>`."""

@@ -202,7 +202,7 @@ class Batcher:
         except MedmvlError as err:
             job.emit("error", err)
             return False
-        limit = int(getattr(self.predictor.model.config, "max_length", 0) or 0)
+        limit = self.predictor.processor.max_length
         if limit and prompt_tokens + job.settings.max_new_tokens > limit:
             job.emit("error", APIError(
                 400, f"the prompt is {prompt_tokens} tokens (images included) and max_tokens "
@@ -221,7 +221,7 @@ class Batcher:
         settings = jobs[0].settings
         longest = max(job.settings.max_new_tokens for job in jobs)
         batch_settings = GenerationSettings(longest, settings.temperature, settings.top_p, 1)
-        tracker = RowTracker(jobs, predictor.tokenizer, predictor.stop_token_ids)
+        tracker = RowTracker(jobs, predictor.tokenizer, predictor.processor.stop_token_ids)
         if jobs[0].seed is not None:
             import torch
 

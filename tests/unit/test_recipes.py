@@ -245,8 +245,8 @@ def test_benchmark_recipes_cover_the_papers():
 def test_benchmark_recipe_builds_shrunken(recipe):
     """The recipe's architecture (template, connectors, feature layers, volume window) with tiny
     weights: it builds and its placeholders expand to the connector's token counts."""
-    from medmvl_cli.engine.stages import placeholder_lengths
     from medmvl_cli.model.builder import build_model
+    from medmvl_cli.model.token_counts import placeholder_lengths
 
     full = load_recipe(recipe)
     overrides = ["init_from=null", "model.llm.path=null", "model.llm.preset=tiny-qwen2", "model.llm.dtype=float32",

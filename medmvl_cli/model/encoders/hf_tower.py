@@ -15,7 +15,7 @@ from typing import Any, ClassVar, Optional
 import torch
 
 from medmvl_cli.errors import ModelError
-from medmvl_cli.model.weight_files import check_safetensors
+from medmvl_cli.model.weight_files import check_safetensors, reads_weights
 from medmvl_cli.model.encoders.base import Encoder, TokenLayout, check_select_layer
 
 logger = logging.getLogger(__name__)
@@ -78,9 +78,12 @@ class HFVisionTower(Encoder):
         hf_logging.set_verbosity_error()  # our own key report below replaces transformers' table
         try:
             config = config_cls.from_pretrained(folder)
-            tower, info = model_cls.from_pretrained(
-                folder, config=config, attn_implementation=attn_implementation, output_loading_info=True
-            )
+            if reads_weights():
+                tower, info = model_cls.from_pretrained(
+                    folder, config=config, attn_implementation=attn_implementation, output_loading_info=True
+                )
+            else:  # shapes only (`architecture_only`)
+                tower, info = model_cls._from_config(config, attn_implementation=attn_implementation), None
         except (OSError, ValueError) as err:
             raise ModelError(
                 f"{cls.type} encoder: cannot load a {model_cls.__name__} from {folder} ({err})",
@@ -88,7 +91,8 @@ class HFVisionTower(Encoder):
             ) from None
         finally:
             hf_logging.set_verbosity(verbosity)
-        check_loading_info(cls.type, folder, info)
+        if info is not None:
+            check_loading_info(cls.type, folder, info)
         cls._after_load(tower)
         processor = load_image_processor(folder, cls, int(config.image_size))
         arch = cls.make_arch(cfg, tower, processor)

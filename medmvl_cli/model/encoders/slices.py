@@ -42,11 +42,6 @@ class SliceEncoder(Encoder):
 
     @classmethod
     def from_recipe(cls, cfg: Any, volume: Optional[Any] = None, attn_implementation: str = "sdpa") -> "SliceEncoder":
-        if volume is not None and volume.size[0] != cfg.num_slices:
-            raise ModelError(
-                f"slices encoder: num_slices is {cfg.num_slices} but model.image3d.volume.size[0] is {volume.size[0]}",
-                hint="a slices encoder takes every slice of the preprocessed volume: make them equal",
-            )
         base = BASES[cfg.base].from_recipe(cfg, attn_implementation=attn_implementation)
         arch = {
             "type": cls.type, "base": cfg.base, "num_slices": cfg.num_slices,

@@ -17,6 +17,7 @@ from torch import nn
 from medmvl_cli.errors import ModelError
 from medmvl_cli.model.encoders.base import Encoder, TokenLayout, check_select_layer, mark_loaded
 from medmvl_cli.model.encoders.released import load_vision_weights, read_state_dict
+from medmvl_cli.model.weight_files import reads_weights
 
 
 def check_patch_grid(img_size: Sequence[int], patch_size: Sequence[int], what: str) -> None:
@@ -76,7 +77,10 @@ class VolumeViTEncoder(Encoder):
 
     def load_released(self, folder: Path, *, prefix: str, ignored_prefixes: tuple[str, ...] = (),
                       unused_vision_keys: tuple[str, ...] = ()) -> "VolumeViTEncoder":
-        """Load the folder's weights into `vit` strictly (see `load_vision_weights`)."""
+        """Load the folder's weights into `vit` strictly (see `load_vision_weights`); nothing is read
+        under `architecture_only()`."""
+        if not reads_weights():
+            return self
         state, source = read_state_dict(folder, self.what)
         load_vision_weights(self.vit, state, source=source, what=self.what, prefix=prefix,
                             ignored_prefixes=ignored_prefixes, unused_vision_keys=unused_vision_keys)
