@@ -151,6 +151,23 @@ def test_a_model_folder_saved_before_the_processor_loads(built, saved, tmp_path,
         assert torch.equal(loaded(**inputs).logits, model(**inputs).logits)
 
 
+def test_a_config_json_written_by_the_previous_version_loads(tmp_path):
+    """The config.json main wrote before this change (fixture), beside the same weights."""
+    fixture = Path(__file__).parents[1] / "fixtures" / "saved_before_processor"
+    recipe = load_recipe(fixture / "recipe.yaml", stage="finetune")
+    torch.manual_seed(0)
+    model, processor = build(recipe, dtype="float32")
+    folder = save_model(model.eval(), tmp_path / "run" / "model", processor)
+    (folder / "processor_config.json").unlink()
+    shutil.copy(fixture / "config.json", folder / "config.json")
+    loaded, again = load(folder.parent, dtype="float32", device=None)
+    assert again.to_dict() == processor.to_dict()
+    ids = torch.tensor([[model.config.image_token_id] * model.num_tokens("image") + [5, 6, 7]])
+    pixels = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(loaded(input_ids=ids, pixel_values=pixels).logits, model(input_ids=ids, pixel_values=pixels).logits)
+
+
 def test_a_processor_that_does_not_fit_the_model_is_refused(saved, tmp_path):
     folder = Path(shutil.copytree(saved, tmp_path / "model"))
     settings = json.loads((folder / "processor_config.json").read_text())
