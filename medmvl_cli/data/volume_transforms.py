@@ -1,8 +1,8 @@
 """Turn a volume file into the encoder's input: a float32 tensor (1, D, H, W) in [0, 1].
 
-MONAI dictionary transforms, driven by a volume config (any object, or mapping, with ``size``,
-``window``, ``spacing``, ``orientation``, ``crop_foreground`` and ``augment`` holding
-``flip_prob``, ``rotate90_prob``, ``intensity_scale_prob``, ``intensity_shift_prob``):
+MONAI dictionary transforms, driven by a volume config: the recipe's ``VolumeConfig`` (or a
+mapping / namespace with its keys, which ``VolumeConfig`` validates: the recipe schema is the one
+place its rules live). `VolumePipeline` builds the transforms once, for every file it reads:
 
     load -> channel-first -> orientation -> [spacing] -> HU window to [0, 1] -> [foreground crop]
          -> resize to ``size`` -> (train only) random flips / 90° turns / intensity scale, shift
