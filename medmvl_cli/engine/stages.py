@@ -285,10 +285,9 @@ def save_final_model(trainer, run, processor, recipe: Recipe) -> None:
     trainer.accelerator.wait_for_everyone()
     if not trainer.args.should_save:
         return
-    from medmvl_cli.model.builder import save_model
-
     from medmvl_cli.engine.run_folder import STAGED_MODEL
     from medmvl_cli.errors import is_disk_error, write_failure
+    from medmvl_cli.model.builder import save_model
 
     staging = run.root / STAGED_MODEL
     shutil.rmtree(staging, ignore_errors=True)

@@ -11,7 +11,6 @@ from pathlib import Path
 
 from medmvl_cli.errors import ModelError
 
-
 _READ_WEIGHTS: ContextVar[bool] = ContextVar("medmvl_read_weights", default=True)
 
 

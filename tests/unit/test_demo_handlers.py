@@ -16,8 +16,8 @@ import pydicom
 import pytest
 from PIL import Image
 
-from medmvl_cli.demo.handlers import EMPTY_ANSWER, FULL_RANGE, NO_STUDY, DemoHandlers, DemoSession
 from medmvl_cli.config.schema import VolumeConfig
+from medmvl_cli.demo.handlers import EMPTY_ANSWER, FULL_RANGE, NO_STUDY, DemoHandlers, DemoSession
 from medmvl_cli.demo.model_info import describe_model
 from medmvl_cli.demo.study import UploadError, open_study
 from medmvl_cli.demo.viewer import render_slice, to_display
