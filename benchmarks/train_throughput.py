@@ -243,11 +243,11 @@ def model_facts(recipe_path: Path, batch_size: int) -> dict:
     """Parameter counts, token counts per sample and the padding share of each mode's batches."""
     from medmvl_cli.config.loader import load_recipe
     from medmvl_cli.data.sampler import WeightedLengthGroupedSampler
-    from medmvl_cli.engine.stages import build_datasets, build_training_model, placeholder_lengths
+    from medmvl_cli.engine.stages import build_datasets, build_training_model
 
     recipe = load_recipe(recipe_path, stage="finetune")
-    model, tokenizer, processor = build_training_model(recipe)
-    train, _ = build_datasets(recipe, model, tokenizer, processor)
+    model, processor = build_training_model(recipe)
+    train, _ = build_datasets(recipe, processor)
     lengths = train.lengths
     params = {name: sum(p.numel() for p in module.parameters()) for name, module in model.components().items()}
     trainable = {name: sum(p.numel() for p in module.parameters() if p.requires_grad)
@@ -265,7 +265,7 @@ def model_facts(recipe_path: Path, batch_size: int) -> dict:
     padding["packed"] = 0.0
     return {
         "params": params, "trainable": trainable,
-        "image_tokens_per_sample": placeholder_lengths(model)["<image>" if branch == "image" else "<image3d>"],
+        "image_tokens_per_sample": processor.tokens["<image>" if branch == "image" else "<image3d>"],
         "encoder_tokens_per_sample": encoder_tokens,
         "sample_tokens": {"min": min(lengths), "median": int(statistics.median(lengths)),
                           "p90": int(np.percentile(lengths, 90)), "max": max(lengths),

@@ -18,7 +18,6 @@ import math
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Optional
 
 
 @dataclass(frozen=True)
@@ -26,7 +25,7 @@ class ThreadPolicy:
     threads: int
     source: str  # "--threads", "MEDMVL_THREADS", "OMP_NUM_THREADS" or "auto"
     cpus: float  # CPUs this process may run on
-    load: Optional[float]  # 1-minute load average when the choice was made
+    load: float | None  # 1-minute load average when the choice was made
     wait_policy: str  # OMP_WAIT_POLICY in force
 
     def describe(self) -> str:
@@ -38,13 +37,13 @@ class ThreadPolicy:
         return asdict(self)
 
 
-_current: Optional[ThreadPolicy] = None
+_current: ThreadPolicy | None = None
 # What the user's environment said before medmvl exported its own choice (a torchrun rank inherits
 # the per-rank count its launcher set, and takes it as given).
 _ENVIRONMENT = {name: os.environ.get(name) for name in ("MEDMVL_THREADS", "OMP_NUM_THREADS", "OMP_WAIT_POLICY")}
 
 
-def _cgroup_quota() -> Optional[float]:
+def _cgroup_quota() -> float | None:
     """CPUs granted by a cgroup CPU quota (containers, job schedulers), or None when unlimited."""
     try:
         quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]  # cgroup v2
@@ -69,14 +68,14 @@ def available_cpus() -> float:
     return min(cpus, quota) if quota else cpus
 
 
-def _load() -> Optional[float]:
+def _load() -> float | None:
     try:
         return os.getloadavg()[0]
     except (AttributeError, OSError):
         return None
 
 
-def _positive_int(value: Optional[str]) -> Optional[int]:
+def _positive_int(value: str | None) -> int | None:
     try:
         number = int(value) if value is not None else None
     except ValueError:
@@ -84,7 +83,7 @@ def _positive_int(value: Optional[str]) -> Optional[int]:
     return number if number and number > 0 else None
 
 
-def choose(requested: Optional[int] = None) -> ThreadPolicy:
+def choose(requested: int | None = None) -> ThreadPolicy:
     """The thread count to use, by the order of precedence above."""
     cpus, load = available_cpus(), _load()
     asked = (("--threads", requested), ("MEDMVL_THREADS", _positive_int(_ENVIRONMENT["MEDMVL_THREADS"])),

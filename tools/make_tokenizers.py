@@ -38,7 +38,17 @@ def corpus_lines() -> list[str]:
 
 def build_tokenizer(spec: TokenizerSpec, lines: list[str]):
     """A ``PreTrainedTokenizerFast`` for one family, trained on ``lines``."""
-    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    from tokenizers import (
+        AddedToken,
+        Regex,
+        Tokenizer,
+        decoders,
+        models,
+        normalizers,
+        pre_tokenizers,
+        processors,
+        trainers,
+    )
     from transformers import PreTrainedTokenizerFast
 
     from medmvl_cli.data.templates import get_template

@@ -3,22 +3,22 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
-from medmvl_cli.constants import IMAGE_PLACEHOLDER, VOLUME_PLACEHOLDER
 from medmvl_cli.cli.options import MaxPixelsOption, MaxVoxelsOption, limit_options
+from medmvl_cli.constants import IMAGE_PLACEHOLDER, VOLUME_PLACEHOLDER
 
 GEN = "Generation"
 QUIT = ("/exit", "/quit", "exit", "quit")
 
 
 def chat(
-    model: Annotated[Optional[str], typer.Option("--model", help="Run folder or model folder; default $MEDMVL_MODEL, else the newest finished run under ./runs.")] = None,
-    image: Annotated[Optional[Path], typer.Option("--image", exists=True, help="A 2D image to talk about (PNG, JPEG, BMP, TIFF, DICOM).")] = None,
-    volume: Annotated[Optional[Path], typer.Option("--volume", exists=True, help="A 3D volume to talk about (.npy, NIfTI, NRRD, MHA, DICOM folder).")] = None,
-    system: Annotated[Optional[str], typer.Option("--system", help="A system prompt (default: the template's own).")] = None,
+    model: Annotated[str | None, typer.Option("--model", help="Run folder or model folder; default $MEDMVL_MODEL, else the newest finished run under ./runs.")] = None,
+    image: Annotated[Path | None, typer.Option("--image", exists=True, help="A 2D image to talk about (PNG, JPEG, BMP, TIFF, DICOM).")] = None,
+    volume: Annotated[Path | None, typer.Option("--volume", exists=True, help="A 3D volume to talk about (.npy, NIfTI, NRRD, MHA, DICOM folder).")] = None,
+    system: Annotated[str | None, typer.Option("--system", help="A system prompt (default: the template's own).")] = None,
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", min=1, help="Longest answer.", rich_help_panel=GEN)] = 256,
     temperature: Annotated[float, typer.Option("--temperature", min=0.0, help="0 = greedy; > 0 samples.", rich_help_panel=GEN)] = 0.0,
     top_p: Annotated[float, typer.Option("--top-p", min=0.0, max=1.0, help="Nucleus sampling mass (with --temperature > 0).", rich_help_panel=GEN)] = 1.0,

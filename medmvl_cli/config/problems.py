@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
 
 
 @dataclass(frozen=True)
@@ -13,7 +12,7 @@ class Problem:
 
     path: str
     message: str
-    hint: Optional[str] = None
+    hint: str | None = None
 
     def __str__(self) -> str:
         where = self.path or "(recipe)"
@@ -25,5 +24,5 @@ class RawRecipe:
     """The YAML tree after overrides, with where it came from."""
 
     tree: dict
-    source: Optional[Path]
+    source: Path | None
     overridden: set[str]

@@ -17,12 +17,11 @@ See docs/templates.md.
 
 from __future__ import annotations
 
-from abc import ABC, abstractmethod
-
 import logging
 import re
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Literal, Optional
+from typing import Literal
 
 from medmvl_cli.constants import IGNORE_INDEX, IMAGE_PLACEHOLDER, PLACEHOLDERS, VOLUME_PLACEHOLDER
 from medmvl_cli.data.turns import CHAT_ROLES, SYSTEM_FIRST, turn_order
@@ -309,8 +308,8 @@ class FormatTemplate(ChatTemplate):
     """A template made of per-role format strings (``{content}`` marks the turn's text)."""
 
     def __init__(self, name: str, description: str, *, system: str, user: str, assistant_prefix: str,
-                 answer: str, assistant_suffix: str = "", generation_prefix: Optional[str] = None,
-                 conversation_end: str = "", default_system: Optional[str] = None, trim: bool = False,
+                 answer: str, assistant_suffix: str = "", generation_prefix: str | None = None,
+                 conversation_end: str = "", default_system: str | None = None, trim: bool = False,
                  bos: BosRule = "never", prompt_after_last_user: bool = False,
                  required_tokens: tuple[str, ...] = (), stop_tokens: tuple[str, ...] = (), jinja: str = ""):
         self.name, self.description = name, description

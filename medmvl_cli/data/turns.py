@@ -6,7 +6,7 @@ chat templates (`templates.ChatTemplate.encode`, the first problem as an error) 
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 # Chat roles, in the order a conversation may use them: an optional leading system turn, then
 # user and assistant turns alternating, user first.

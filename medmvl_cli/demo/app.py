@@ -15,9 +15,10 @@ import signal
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any, Callable, Optional
+from typing import Any
 
 from medmvl_cli.demo.handlers import DEFAULT_MAX_UPLOAD_MB, DemoHandlers, DemoSession, SliderView
 from medmvl_cli.demo.viewer import PLANES
@@ -148,7 +149,7 @@ def _chat_column(gr) -> SimpleNamespace:
 def _callbacks(gr, handlers: DemoHandlers) -> SimpleNamespace:
     """What each event does, as Gradio updates of the page's components."""
 
-    def slider_update(view: Optional[SliderView]):
+    def slider_update(view: SliderView | None):
         if view is None:
             return gr.update()
         return gr.update(minimum=0, maximum=max(view.maximum, 1), value=view.value, label=view.label,
@@ -215,7 +216,7 @@ def _upload_label(branches: tuple[str, ...], max_bytes: int) -> str:
 
 def launch(predictor: Any, host: str = "127.0.0.1", port: int = 7860,
            max_upload_mb: float = DEFAULT_MAX_UPLOAD_MB, share: bool = False,
-           on_ready: Optional[Callable[[str, Optional[str]], None]] = None, block: bool = True,
+           on_ready: Callable[[str, str | None], None] | None = None, block: bool = True,
            **limits: int):
     """Serve the page for a loaded ``Predictor``; calls ``on_ready(local_url, share_url)`` once it listens.
     ``limits``: ``max_voxels`` / ``max_pixels`` for uploads (see data/limits.py).

@@ -27,9 +27,9 @@ from transformers import Trainer
 
 from medmvl_cli.data.dataset import SKIPPED
 from medmvl_cli.data.sampler import WeightedLengthGroupedSampler
+from medmvl_cli.errors import MedmvlError, RunError, write_failure
 from medmvl_cli.runs.checkpoint import write_checksums
 from medmvl_cli.runs.folder import STEP_DIR
-from medmvl_cli.errors import MedmvlError, RunError, write_failure
 
 logger = logging.getLogger(__name__)
 

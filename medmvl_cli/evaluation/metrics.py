@@ -12,8 +12,6 @@ from collections import Counter
 
 from medmvl_cli.data.answer_text import YES_NO, is_yes_no, normalize_answer
 
-
-
 # --- LLaVA-Med, as its run_eval.py computes ---------------------------------------------------
 
 

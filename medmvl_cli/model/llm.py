@@ -6,7 +6,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import torch
 
@@ -105,7 +105,7 @@ def ensure_placeholder_tokens(tokenizer, llm) -> dict[str, int]:
     return ids
 
 
-def is_peft_model(module: Optional[torch.nn.Module]) -> bool:
+def is_peft_model(module: torch.nn.Module | None) -> bool:
     try:
         from peft import PeftModel
     except ImportError:  # pragma: no cover - peft is a dependency

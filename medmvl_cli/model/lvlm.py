@@ -17,7 +17,6 @@ import math
 import re
 from collections import OrderedDict
 from pathlib import Path
-from typing import Optional
 
 import torch
 from torch import nn
@@ -82,9 +81,9 @@ class MedmvlForConditionalGeneration(MedmvlPreTrainedModel):
     def __init__(
         self,
         config: MedmvlConfig,
-        llm: Optional[nn.Module] = None,
-        image_encoder: Optional[Encoder] = None,
-        image3d_encoder: Optional[Encoder] = None,
+        llm: nn.Module | None = None,
+        image_encoder: Encoder | None = None,
+        image3d_encoder: Encoder | None = None,
     ):
         super().__init__(config)
         if llm is None:
@@ -109,7 +108,7 @@ class MedmvlForConditionalGeneration(MedmvlPreTrainedModel):
         self.post_init()
 
     # ------------------------------------------------------------------------------ structure
-    def components(self) -> "OrderedDict[str, nn.Module]":
+    def components(self) -> OrderedDict[str, nn.Module]:
         """name -> module for llm, image_encoder, image_connector, image3d_encoder, image3d_connector
         (absent branches omitted)."""
         parts = OrderedDict()
@@ -118,11 +117,6 @@ class MedmvlForConditionalGeneration(MedmvlPreTrainedModel):
             if module is not None:
                 parts[name] = module
         return parts
-
-    def image_window(self) -> Optional[tuple[float, float]]:
-        """The DICOM window of the 2D branch (None: the file's own, or no 2D branch)."""
-        window = (self.config.image or {}).get("window")
-        return tuple(window) if window else None
 
     def num_tokens(self, branch: str) -> int:
         """LLM tokens one image (`image`) or one volume (`image3d`) becomes: the number of
@@ -140,7 +134,7 @@ class MedmvlForConditionalGeneration(MedmvlPreTrainedModel):
     def set_input_embeddings(self, value: nn.Module) -> None:
         self.llm.set_input_embeddings(value)
 
-    def get_output_embeddings(self) -> Optional[nn.Module]:
+    def get_output_embeddings(self) -> nn.Module | None:
         return self.llm.get_output_embeddings()
 
     # ------------------------------------------------------------------------------ features
@@ -167,11 +161,11 @@ class MedmvlForConditionalGeneration(MedmvlPreTrainedModel):
     def embed_inputs(
         self,
         input_ids: torch.Tensor,
-        pixel_values: Optional[torch.Tensor] = None,
-        volumes: Optional[torch.Tensor] = None,
-        image_embeds: Optional[torch.Tensor] = None,
-        volume_embeds: Optional[torch.Tensor] = None,
-        inputs_embeds: Optional[torch.Tensor] = None,
+        pixel_values: torch.Tensor | None = None,
+        volumes: torch.Tensor | None = None,
+        image_embeds: torch.Tensor | None = None,
+        volume_embeds: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """(B, L) ids (+ media) -> (B, L, llm_width) embeddings with features at the placeholders.
 
@@ -211,16 +205,16 @@ class MedmvlForConditionalGeneration(MedmvlPreTrainedModel):
     # ------------------------------------------------------------------------------ forward
     def forward(
         self,
-        input_ids: Optional[torch.LongTensor] = None,
-        attention_mask: Optional[torch.Tensor] = None,
-        labels: Optional[torch.LongTensor] = None,
-        position_ids: Optional[torch.LongTensor] = None,
-        pixel_values: Optional[torch.Tensor] = None,
-        volumes: Optional[torch.Tensor] = None,
-        image_embeds: Optional[torch.Tensor] = None,
-        volume_embeds: Optional[torch.Tensor] = None,
-        inputs_embeds: Optional[torch.Tensor] = None,
-        use_cache: Optional[bool] = None,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        volumes: torch.Tensor | None = None,
+        image_embeds: torch.Tensor | None = None,
+        volume_embeds: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        use_cache: bool | None = None,
         **kwargs,
     ):
         """input_ids (B, L) with expanded placeholders -> the LLM's CausalLMOutputWithPast
@@ -244,13 +238,13 @@ class MedmvlForConditionalGeneration(MedmvlPreTrainedModel):
     @torch.no_grad()
     def generate(
         self,
-        input_ids: Optional[torch.LongTensor] = None,
-        attention_mask: Optional[torch.Tensor] = None,
-        pixel_values: Optional[torch.Tensor] = None,
-        volumes: Optional[torch.Tensor] = None,
-        image_embeds: Optional[torch.Tensor] = None,
-        volume_embeds: Optional[torch.Tensor] = None,
-        inputs_embeds: Optional[torch.Tensor] = None,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        volumes: torch.Tensor | None = None,
+        image_embeds: torch.Tensor | None = None,
+        volume_embeds: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
         **generation_kwargs,
     ) -> torch.LongTensor:
         """Prompt ids (B, L), left-padded for batches -> (B, new) generated ids (the prompt is not
@@ -280,7 +274,7 @@ class MedmvlForConditionalGeneration(MedmvlPreTrainedModel):
 
     # ------------------------------------------------------------------------------ save / load
     @staticmethod
-    def _plain_key(key: str) -> Optional[str]:
+    def _plain_key(key: str) -> str | None:
         """A state-dict key under the un-wrapped LLM's name; None for LoRA adapter tensors."""
         if not key.startswith("llm."):
             return key
@@ -289,7 +283,7 @@ class MedmvlForConditionalGeneration(MedmvlPreTrainedModel):
             return None
         return "llm." + inner.replace(".base_layer.", ".")
 
-    def _state_dict_without_adapter(self, state: Optional[dict] = None) -> dict[str, torch.Tensor]:
+    def _state_dict_without_adapter(self, state: dict | None = None) -> dict[str, torch.Tensor]:
         """The weights with the LoRA-wrapped LLM's base weights under their plain names."""
         state = self.state_dict() if state is None else state
         plain = {}

@@ -23,7 +23,6 @@ import threading
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
 from urllib.parse import unquote, urlparse
 
 from medmvl_cli.constants import IMAGE_PLACEHOLDER, VOLUME_PLACEHOLDER
@@ -64,7 +63,7 @@ class Prepared:
 class MediaStore:
     """Uploads on disk under their content hash, shared by concurrent requests (reference-counted)."""
 
-    def __init__(self, allowed_local_root: Optional[Path] = None, max_series_bytes: int = 2 << 30):
+    def __init__(self, allowed_local_root: Path | None = None, max_series_bytes: int = 2 << 30):
         self.allowed_local_root = Path(allowed_local_root).resolve() if allowed_local_root else None
         self.max_series_bytes = max_series_bytes
         self.root = Path(tempfile.mkdtemp(prefix="medmvl-serve-"))  # mode 0700

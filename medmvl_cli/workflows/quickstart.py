@@ -46,9 +46,9 @@ def run_quickstart(kind: str, workdir: Path, n: int | None = None, overrides: tu
     from medmvl_cli.data.synth import EASY, QUESTIONS, synthesize
     from medmvl_cli.engine.stages import train_stage
     from medmvl_cli.evaluation.metrics import exact_match
+    from medmvl_cli.evaluation.predictions_file import read_predictions
     from medmvl_cli.inference.generate import GenerationSettings, Predictor
     from medmvl_cli.inference.predictions import predict_file
-    from medmvl_cli.evaluation.predictions_file import read_predictions
 
     start = time.perf_counter()
     data = workdir / "data" / "quickstart"

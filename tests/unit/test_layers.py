@@ -34,14 +34,6 @@ FLOORS = [
 ]
 FLOOR = {unit: len(FLOORS) - i for i, units in enumerate(FLOORS) for unit in units}
 
-# (importing file, imported module) pairs that still point up on this branch.
-# removed by the processor branch (MedmvlProcessor owns the tokens per placeholder); the lead
-# deletes this allow-list after merging it.
-ALLOWED_UPWARD = {
-    ("data/validate.py", "medmvl_cli.engine.stages"),
-    ("inference/generate.py", "medmvl_cli.engine.stages"),
-}
-
 
 def _unit_of_module(module: str) -> str | None:
     """The floor unit of a dotted module name inside the package (None: the package root)."""
@@ -99,22 +91,14 @@ def test_every_unit_has_a_floor():
 def test_imports_point_down():
     upward = [f"medmvl_cli/{file}:{line} imports {module} ({source} -> {target} goes up or sideways)"
               for file, line, module, source, target in package_edges()
-              if FLOOR[target] >= FLOOR[source] and (file, module) not in ALLOWED_UPWARD]
+              if FLOOR[target] >= FLOOR[source]]
     assert not upward, "\n".join(upward)
-
-
-def test_allow_list_holds_only_edges_that_still_exist():
-    seen = {(file, module) for file, _, module, _, _ in package_edges()}
-    stale = sorted(ALLOWED_UPWARD - seen)
-    assert not stale, f"these imports are gone: delete them from ALLOWED_UPWARD: {stale}"
 
 
 def test_no_circle_between_subpackages():
     graph: dict[str, set[str]] = defaultdict(set)
     where: dict[tuple[str, str], str] = {}
     for file, line, module, source, target in package_edges():
-        if (file, module) in ALLOWED_UPWARD:
-            continue
         graph[source].add(target)
         where.setdefault((source, target), f"medmvl_cli/{file}:{line} imports {module}")
     # Depth-first search for a back edge; report the circle with one import per step.

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
 import sys
 import unicodedata
-
-import importlib.util
 from pathlib import Path
 
 import pytest

@@ -16,13 +16,15 @@ import hashlib
 import json
 import os
 import tempfile
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Iterator, Optional, Sequence
+from typing import IO
 
 from medmvl_cli.constants import IMAGE_PLACEHOLDER, VOLUME_PLACEHOLDER
 from medmvl_cli.data.annotations import QUESTION_TYPES
 from medmvl_cli.errors import DataError
+
 IMAGE_BYTES_DIR = "images"
 CHOICE_LETTERS = "ABCD"
 
@@ -39,10 +41,10 @@ class ConvertOptions:
     """What the command line passes to converters (only some converters read each field)."""
 
     lang: str = "en"
-    image_column: Optional[str] = None
-    question_column: Optional[str] = None
-    answer_column: Optional[str] = None
-    question_type_column: Optional[str] = None
+    image_column: str | None = None
+    question_column: str | None = None
+    answer_column: str | None = None
+    question_type_column: str | None = None
 
 
 def vqa_record(

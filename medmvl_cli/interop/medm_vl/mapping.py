@@ -23,7 +23,7 @@ import logging
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import torch
 
@@ -58,7 +58,7 @@ class Branch:
     encoder: dict[str, Any]  # the recipe section (type, path, select_layer, select_feature, ...)
     arch: dict[str, Any]  # the encoder's arch (config.json of the model)
     connector: dict[str, Any]
-    volume: Optional[dict[str, Any]] = None
+    volume: dict[str, Any] | None = None
     renames: list[tuple[str, str]] = field(default_factory=list)  # (source prefix, target prefix)
     dropped: list[str] = field(default_factory=list)  # source prefixes of weights the model never uses
 
@@ -113,7 +113,7 @@ def select_feature_2d(kind: str, feature: str, allow_approximate: bool, notes: l
     return feature
 
 
-def image_processor(kind: str, folder: Optional[Path], image_size: int):
+def image_processor(kind: str, folder: Path | None, image_size: int):
     """The 2D encoder folder's image processor (what MedM-VL used), else the backend's defaults."""
     from medmvl_cli.model.encoders.hf_tower import default_image_processor
 
@@ -125,7 +125,7 @@ def image_processor(kind: str, folder: Optional[Path], image_size: int):
     return default_image_processor(kind, image_size)
 
 
-def plan_2d(checkpoint: MedmVlCheckpoint, as_slices: bool, as_image: bool, encoder_dir: Optional[Path],
+def plan_2d(checkpoint: MedmVlCheckpoint, as_slices: bool, as_image: bool, encoder_dir: Path | None,
             num_slices: int, slice_pooling: str, allow_approximate: bool, notes: list[str]):
     """The branches made from MedM-VL's 2D encoder (image, slices or both), and its processor."""
     kind = checkpoint.get("encoder_image_type")
@@ -167,7 +167,7 @@ def plan_2d(checkpoint: MedmVlCheckpoint, as_slices: bool, as_image: bool, encod
     return branches, (processor if as_image else None)
 
 
-def plan_3d(checkpoint: MedmVlCheckpoint, encoder_dir: Optional[Path], notes: list[str]) -> Branch:
+def plan_3d(checkpoint: MedmVlCheckpoint, encoder_dir: Path | None, notes: list[str]) -> Branch:
     from medmvl_cli.model.encoders import m3d_clip, medm_clip
     from medmvl_cli.model.encoders.released_weights import optional_size
 
@@ -204,8 +204,8 @@ def plan_3d(checkpoint: MedmVlCheckpoint, encoder_dir: Optional[Path], notes: li
 
 
 def plan_import(checkpoint: MedmVlCheckpoint, *, branch: str = "auto", num_slices: int = 32,
-                slice_pooling: str = "concat", template: Optional[str] = None, image_encoder_dir: Optional[Path] = None,
-                image3d_encoder_dir: Optional[Path] = None, allow_approximate: bool = False):
+                slice_pooling: str = "concat", template: str | None = None, image_encoder_dir: Path | None = None,
+                image3d_encoder_dir: Path | None = None, allow_approximate: bool = False):
     """(the plan, the 2D image processor or None) for a checkpoint."""
     from medmvl_cli.data.templates import get_template
 
@@ -274,7 +274,7 @@ def _shorten(keys, limit: int = 8) -> str:
 
 
 def check_weights(ours: dict[str, torch.Tensor], unplaced: list[str], origin: dict[str, str],
-                  expected: dict[str, torch.Size], source: Path, untied_head: Optional[str]) -> None:
+                  expected: dict[str, torch.Size], source: Path, untied_head: str | None) -> None:
     """Every expected weight present with its shape; every source key placed. ModelError otherwise,
     naming source keys (and our names for the weights the checkpoint lacks).
     `untied_head`: the output head's name when the LLM does not tie it to the embeddings."""

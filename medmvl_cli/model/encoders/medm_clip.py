@@ -20,7 +20,7 @@ and std 66.194, as its training data were.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, ClassVar, Optional
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -116,7 +116,7 @@ class MedmClipEncoder(VolumeViTEncoder):
         super().__init__(arch, vit)
 
     @classmethod
-    def from_recipe(cls, cfg: Any, volume: Optional[Any] = None, attn_implementation: str = "sdpa") -> "MedmClipEncoder":
+    def from_recipe(cls, cfg: Any, volume: Any | None = None, attn_implementation: str = "sdpa") -> MedmClipEncoder:
         folder = Path(cfg.path)
         sizes = _sizes(read_config(folder))
         check_patch_grid(sizes["img_size"], sizes["patch_size"], "medm_clip encoder")

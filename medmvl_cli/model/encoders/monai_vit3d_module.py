@@ -10,7 +10,7 @@ token has none), as in M3D. Attention runs through PyTorch SDPA (`use_flash_atte
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import nn

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
 
 from medmvl_cli.constants import PLACEHOLDERS
 from medmvl_cli.errors import ModelError
@@ -35,13 +34,13 @@ class TokenizerSpec:
 
     family: str
     special_tokens: tuple[str, ...]
-    bos_token: Optional[str]
+    bos_token: str | None
     eos_token: str
     pad_token: str
     add_bos: bool  # whether plain `tokenizer(text)` prepends bos (Llama-3 does, the others do not)
     pre_tokenizer: str  # key of PRE_TOKENIZER_REGEX
     nfc: bool = False  # Qwen2 normalises text to NFC first
-    unk_token: Optional[str] = None
+    unk_token: str | None = None
 
 
 TOKENIZER_SPECS: dict[str, TokenizerSpec] = {
