@@ -461,6 +461,8 @@ def main(argv: list[str] | None = None, out_stream=None) -> dict:
                 for mode, run in runs.items():
                     run["samples_per_s"] = round(run["tokens_per_s"] / facts["sample_tokens"]["mean"], 3)
                     run["padding_share"] = facts["padding_share"]["packed" if mode == "packed_dense" else mode]
+                    logger.info("%s / %s (%s): %.1f tokens/s (median step %.1f)", dim, mode, run["attention_path"],
+                                run["tokens_per_s"], run["tokens_per_s_median_step"])
                 facts.update(measured)
             for round_ in range(args.rounds if args.isolated else 0):  # modes round-robin
                 for mode in modes:
