@@ -182,10 +182,11 @@ def test_component_learning_rates_and_no_decay_on_norms_and_biases(recipe_2d, tm
     assert any(g["weight_decay"] == 0.1 for g in optimizer.param_groups)
 
 
-def test_packed_training_runs_the_packed_path_with_the_losses_of_padded_training(recipe_2d, caplog):
+@pytest.mark.parametrize("extra", [[], ["trainable.llm=lora", "train.gradient_checkpointing=true"]], ids=["full", "lora-ckpt"])
+def test_packed_training_runs_the_packed_path_with_the_losses_of_padded_training(recipe_2d, caplog, extra):
     import logging
 
-    overrides = ["train.max_steps=2", "trainable.image_encoder=frozen"]
+    overrides = ["train.max_steps=2", "trainable.image_encoder=frozen"] + extra
     padded = train_stage(load_recipe(recipe_2d, overrides + ["output_dir=runs/padded"]), quiet=True)
     with caplog.at_level(logging.INFO, logger="medmvl_cli.model.packed_attention"):
         packed = train_stage(load_recipe(recipe_2d, overrides + ["output_dir=runs/packed", "data.packing=true"]),
