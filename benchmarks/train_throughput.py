@@ -425,6 +425,11 @@ def main(argv: list[str] | None = None, out_stream=None) -> dict:
     logging.basicConfig(level=logging.WARNING if args.child else logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(name)s: %(message)s")
     out_stream = out_stream or sys.stdout
+    from medmvl_cli import threads
+
+    # medmvl's own thread policy (as `medmvl finetune` applies it): on a shared machine, threads
+    # beyond the idle cores make every mode several times slower and the figures meaningless.
+    policy = threads.current()
     if args.child:
         result = run_child(args.child, args.mode, args.batch_size)
         print(json.dumps(result), file=out_stream, flush=True)
@@ -500,7 +505,7 @@ def main(argv: list[str] | None = None, out_stream=None) -> dict:
         "trainable": "finetune defaults: LLM full, connector full, encoder frozen; "
                      "fp32, sdpa, no gradient checkpointing",
         "data_loading": "num_workers 0; 3D volumes read from the filled volume cache",
-        "torch_threads": torch.get_num_threads(), "cpus": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(), "thread_policy": policy.describe(), "cpus": os.cpu_count(),
         "matmul_peak_gflops": {"before": round(peak_before, 1), "after": round(peak_after, 1),
                                "best_seen_used_for_mfu": round(peak, 1)},
         "flops_counted": "6 x all LLM params x real tokens (tied embeddings once, attention scores not counted); "
