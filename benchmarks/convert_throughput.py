@@ -29,7 +29,7 @@ def _write_source(folder: Path, rows: int) -> None:
 
     rng = np.random.default_rng(0)
     images = []
-    for i in range(max(rows // 4, 1)):
+    for _ in range(max(rows // 4, 1)):
         buf = io.BytesIO()
         Image.fromarray(rng.integers(0, 255, (16, 16), dtype=np.uint8)).save(buf, "PNG")
         images.append(buf.getvalue())

@@ -49,7 +49,14 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from train_throughput import (  # noqa: E402  (sibling benchmark: the same LLM and report sentences)
-    IMAGE_SIZE, SIZES, VOLUME_PATCH, VOLUME_SIZE, matmul_peak_gflops, report_sentences, results_stream, write_clip,
+    IMAGE_SIZE,
+    SIZES,
+    VOLUME_PATCH,
+    VOLUME_SIZE,
+    matmul_peak_gflops,
+    report_sentences,
+    results_stream,
+    write_clip,
     write_llm,
 )
 
@@ -105,7 +112,8 @@ def build_saved_model(folder: Path, sizes: dict) -> Path:
     import yaml
 
     from medmvl_cli.config.loader import load_recipe
-    from medmvl_cli.model.builder import build_model, save_model
+    from medmvl_cli.inference.load import build
+    from medmvl_cli.model.builder import save_model
 
     llm = write_llm(folder / "llm", sizes["llm"])
     clip = write_clip(folder / "clip", sizes["clip"])
@@ -122,8 +130,8 @@ def build_saved_model(folder: Path, sizes: dict) -> Path:
     }
     (folder / "recipe.yaml").write_text(yaml.safe_dump(tree, sort_keys=False), encoding="utf-8")
     recipe = load_recipe(folder / "recipe.yaml", stage="finetune")
-    model, tokenizer, processor = build_model(recipe, dtype="float32")
-    return save_model(model, folder / "run" / "model", tokenizer=tokenizer, image_processor=processor)
+    model, processor = build(recipe, dtype="float32")
+    return save_model(model, folder / "run" / "model", processor)
 
 
 def settings_class():
@@ -146,7 +154,7 @@ def stage_times(predictor, volumes: list[Path]) -> dict:
     load, encode = [], []
     for path in volumes:
         start = time.perf_counter()
-        tensor = predictor.media.volumes([path])
+        tensor = predictor.processor.volumes([path])
         load.append(time.perf_counter() - start)
         start = time.perf_counter()
         with torch.no_grad():

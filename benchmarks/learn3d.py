@@ -50,9 +50,9 @@ def build(data: Path, seed: int, overrides: list[str]):
     ], stage="finetune")
     materialise_presets(recipe)
     torch.manual_seed(seed)
-    model, tokenizer, processor = build_training_model(recipe)
-    train, held_out = build_datasets(recipe, model, tokenizer, processor)
-    return recipe, model, tokenizer, [train[i] for i in range(len(train))], [held_out[i] for i in range(len(held_out))]
+    model, processor = build_training_model(recipe)
+    train, held_out = build_datasets(recipe, processor)
+    return recipe, model, processor.tokenizer, [train[i] for i in range(len(train))], [held_out[i] for i in range(len(held_out))]
 
 
 def batches(items: list[dict], size: int, pad_id: int, generator=None):

@@ -61,13 +61,14 @@ def build_tiny(folder: Path) -> Path:
     import torch
 
     from medmvl_cli.config.loader import load_recipe
-    from medmvl_cli.model.builder import build_model, save_model
+    from medmvl_cli.inference.load import build
+    from medmvl_cli.model.builder import save_model
 
     folder.mkdir(parents=True)
     (folder / "recipe.yaml").write_text(TINY_RECIPE)
     torch.manual_seed(0)
-    model, tokenizer, processor = build_model(load_recipe(folder / "recipe.yaml", []))
-    return save_model(model, folder / "run" / "model", tokenizer, processor)
+    model, processor = build(load_recipe(folder / "recipe.yaml", []))
+    return save_model(model, folder / "run" / "model", processor)
 
 
 def requests_for(data: Path, kinds: tuple[str, ...], count: int, interleave: bool = False) -> list[tuple]:

@@ -252,11 +252,11 @@ def model_facts(recipe_path: Path, batch_size: int) -> dict:
     """Parameter counts, token counts per sample and the padding share of each mode's batches."""
     from medmvl_cli.config.loader import load_recipe
     from medmvl_cli.data.sampler import WeightedLengthGroupedSampler
-    from medmvl_cli.engine.stages import build_datasets, build_training_model, placeholder_lengths
+    from medmvl_cli.engine.stages import build_datasets, build_training_model
 
     recipe = load_recipe(recipe_path, stage="finetune")
-    model, tokenizer, processor = build_training_model(recipe)
-    train, _ = build_datasets(recipe, model, tokenizer, processor)
+    model, processor = build_training_model(recipe)
+    train, _ = build_datasets(recipe, processor)
     lengths = train.lengths
     params = {name: sum(p.numel() for p in module.parameters()) for name, module in model.components().items()}
     trainable = {name: sum(p.numel() for p in module.parameters() if p.requires_grad)
@@ -274,7 +274,7 @@ def model_facts(recipe_path: Path, batch_size: int) -> dict:
     padding["packed"] = 0.0
     return {
         "params": params, "trainable": trainable,
-        "image_tokens_per_sample": placeholder_lengths(model)["<image>" if branch == "image" else "<image3d>"],
+        "image_tokens_per_sample": processor.tokens["<image>" if branch == "image" else "<image3d>"],
         "encoder_tokens_per_sample": encoder_tokens,
         "sample_tokens": {"min": min(lengths), "median": int(statistics.median(lengths)),
                           "p90": int(np.percentile(lengths, 90)), "max": max(lengths),
@@ -334,8 +334,9 @@ def interleaved(recipe_path: Path, modes: list[str], steps: int, batch_size: int
 
     recipe = load_recipe(recipe_path, stage="finetune")
     torch.manual_seed(0)
-    model, tokenizer, processor = build_training_model(recipe)
-    train, _ = build_datasets(recipe, model, tokenizer, processor)
+    model, processor = build_training_model(recipe)
+    train, _ = build_datasets(recipe, processor)
+    pad_token_id = processor.tokenizer.pad_token_id
     text_config = model.config.text_config
     plain = text_config._attn_implementation
     packed_path = use_packed_attention(model)  # padded batches (with a mask) still run plain SDPA
@@ -343,7 +344,7 @@ def interleaved(recipe_path: Path, modes: list[str], steps: int, batch_size: int
     impl = {"padded": packed_impl, "grouped": packed_impl, "packed": packed_impl, "packed_dense": plain}
     path = {"padded": f"{plain} (padding mask)", "grouped": f"{plain} (padding mask)", "packed": packed_path,
             "packed_dense": f"{plain} (dense block-diagonal mask)"}
-    collators = {False: LVLMCollator(tokenizer.pad_token_id), True: LVLMCollator(tokenizer.pad_token_id, packing=True)}
+    collators = {False: LVLMCollator(pad_token_id), True: LVLMCollator(pad_token_id, packing=True)}
     orders = {group: list(WeightedLengthGroupedSampler(train.lengths, train.source_indices, [1.0], batch_size, group,
                                                        recipe.seed)) for group in (False, True)}
     batches = {}
@@ -487,7 +488,7 @@ def main(argv: list[str] | None = None, out_stream=None) -> dict:
     # The machine may be shared: the best matmul rate seen in this run is the peak MFU is taken against.
     peak = max([peak_before, peak_after] + [g for r in results.values() for run in r["runs"].values()
                                             for g in run.get("matmul_gflops_before_after", [])])
-    for dim, result in results.items():
+    for result in results.values():
         llm_params, vision = result.pop("_llm_params"), result.pop("_vision_flops")
         for run in result["runs"].values():
             llm_flops = 6 * llm_params * run["tokens_per_s"]

@@ -87,7 +87,7 @@ def is_disk_error(err: BaseException) -> bool:
     return isinstance(err, OSError) or _errno_of(err) is not None or "inline_container" in str(err)
 
 
-def write_failure(path: str | Path, err: BaseException, what: str, then: str | None = None) -> "RunError":
+def write_failure(path: str | Path, err: BaseException, what: str, then: str | None = None) -> RunError:
     """A RunError for `what` that could not be written at `path`, saying why and what to do."""
     number = _errno_of(err)
     if isinstance(err, OSError) and err.strerror:

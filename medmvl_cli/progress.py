@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import time
-from typing import Optional
 
 DEFAULT_INTERVAL_S = 30.0
 
@@ -42,13 +41,13 @@ class JobProgress:
         self.console = console if console is not None else Console(stderr=True)
         self.bar = self.task = None
         self.start = self.last_line = time.monotonic()
-        self.first: Optional[tuple[int, float]] = None  # (completed, time) at the first update
+        self.first: tuple[int, float] | None = None  # (completed, time) at the first update
 
     @property
     def plain(self) -> bool:
         return not self.console.is_terminal
 
-    def __enter__(self) -> "JobProgress":
+    def __enter__(self) -> JobProgress:
         self.start = self.last_line = time.monotonic()
         if self.enabled and not self.plain:
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
@@ -60,7 +59,7 @@ class JobProgress:
             self.task = self.bar.add_task(self.label, total=None, status="")
         return self
 
-    def update(self, completed: int, total: Optional[int] = None, status: str = "") -> None:
+    def update(self, completed: int, total: int | None = None, status: str = "") -> None:
         if not self.enabled:
             return
         if self.bar is not None:
@@ -75,7 +74,7 @@ class JobProgress:
         self.console.print(self._line(completed, total, status, now), markup=False, highlight=False,
                            soft_wrap=True)
 
-    def _line(self, completed: int, total: Optional[int], status: str, now: float) -> str:
+    def _line(self, completed: int, total: int | None, status: str, now: float) -> str:
         parts = [f"{self.label}: {completed}" + (f"/{total} ({100 * completed / max(total, 1):.0f}%)" if total else "")]
         if status:
             parts.append(status)

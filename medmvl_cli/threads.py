@@ -18,7 +18,6 @@ import math
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Optional
 
 
 @dataclass(frozen=True)
@@ -26,12 +25,8 @@ class ThreadPolicy:
     threads: int
     source: str  # "--threads", "MEDMVL_THREADS", "OMP_NUM_THREADS" or "auto"
     cpus: float  # CPUs this process may run on
-    load: Optional[float]  # 1-minute load average when the choice was made
+    load: float | None  # 1-minute load average when the choice was made
     wait_policy: str  # OMP_WAIT_POLICY in force
-
-    @property
-    def user_set(self) -> bool:
-        return self.source != "auto"
 
     def describe(self) -> str:
         load = f", load average {self.load:.1f}" if self.load is not None else ""
@@ -42,13 +37,13 @@ class ThreadPolicy:
         return asdict(self)
 
 
-_current: Optional[ThreadPolicy] = None
+_current: ThreadPolicy | None = None
 # What the user's environment said before medmvl exported its own choice (a torchrun rank inherits
 # the per-rank count its launcher set, and takes it as given).
 _ENVIRONMENT = {name: os.environ.get(name) for name in ("MEDMVL_THREADS", "OMP_NUM_THREADS", "OMP_WAIT_POLICY")}
 
 
-def _cgroup_quota() -> Optional[float]:
+def _cgroup_quota() -> float | None:
     """CPUs granted by a cgroup CPU quota (containers, job schedulers), or None when unlimited."""
     try:
         quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]  # cgroup v2
@@ -73,14 +68,14 @@ def available_cpus() -> float:
     return min(cpus, quota) if quota else cpus
 
 
-def _load() -> Optional[float]:
+def _load() -> float | None:
     try:
         return os.getloadavg()[0]
     except (AttributeError, OSError):
         return None
 
 
-def _positive_int(value: Optional[str]) -> Optional[int]:
+def _positive_int(value: str | None) -> int | None:
     try:
         number = int(value) if value is not None else None
     except ValueError:
@@ -88,11 +83,12 @@ def _positive_int(value: Optional[str]) -> Optional[int]:
     return number if number and number > 0 else None
 
 
-def choose(requested: Optional[int] = None) -> ThreadPolicy:
+def choose(requested: int | None = None) -> ThreadPolicy:
     """The thread count to use, by the order of precedence above."""
     cpus, load = available_cpus(), _load()
-    for source, value in (("--threads", requested), ("MEDMVL_THREADS", _positive_int(_ENVIRONMENT["MEDMVL_THREADS"])),
-                          ("OMP_NUM_THREADS", _positive_int(_ENVIRONMENT["OMP_NUM_THREADS"]))):
+    asked = (("--threads", requested), ("MEDMVL_THREADS", _positive_int(_ENVIRONMENT["MEDMVL_THREADS"])),
+             ("OMP_NUM_THREADS", _positive_int(_ENVIRONMENT["OMP_NUM_THREADS"])))
+    for source, value in asked:  # noqa: B007 -- `source` is read after the break
         if value:
             threads = int(value)
             break

@@ -11,13 +11,14 @@ import logging
 import os
 import shutil
 import sys
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 from typer.core import TyperGroup
 
 from medmvl_cli import __version__
 from medmvl_cli.errors import MedmvlError
+
 
 class _ErrorHandlingGroup(TyperGroup):
     """Turns any failure of a command into one panel on stderr and exit code 1 (the traceback only
@@ -60,12 +61,12 @@ def _version_callback(value: bool) -> None:
 @app.callback()
 def root(
     version: Annotated[
-        Optional[bool],
+        bool | None,
         typer.Option("--version", callback=_version_callback, is_eager=True, help="Print the version and exit."),
     ] = None,
     debug: Annotated[bool, typer.Option("--debug", help="Show full tracebacks and debug logs.")] = False,
     threads: Annotated[
-        Optional[int],
+        int | None,
         typer.Option("--threads", min=1, help="CPU threads to compute with (default: the CPUs available less "
                      "the load already on them; also $MEDMVL_THREADS). `medmvl env` shows the choice."),
     ] = None,
@@ -113,9 +114,20 @@ def _configure_logging(level: int) -> None:
 
 def _register() -> None:
     # Imported here so that each group module stays independent of the root.
-    from medmvl_cli.cli import config_cmd, data_cmd, env_cmd, eval_cmd, infer_cmd, quickstart_cmd, train_cmd
-    from medmvl_cli.cli import chat_cmd, demo_cmd, serve_cmd
-    from medmvl_cli.cli import export_cmd, import_cmd
+    from medmvl_cli.cli import (
+        chat_cmd,
+        config_cmd,
+        data_cmd,
+        demo_cmd,
+        env_cmd,
+        eval_cmd,
+        export_cmd,
+        import_cmd,
+        infer_cmd,
+        quickstart_cmd,
+        serve_cmd,
+        train_cmd,
+    )
 
     app.command("env", help="Versions, devices and optional parts present or absent.")(env_cmd.env)
     app.add_typer(config_cmd.app, name="config", help="Show or check a recipe.")

@@ -3,21 +3,22 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
 from medmvl_cli.cli.options import MaxPixelsOption, MaxVoxelsOption, limit_options
+from medmvl_cli.constants import IMAGE_PLACEHOLDER, VOLUME_PLACEHOLDER
 
 GEN = "Generation"
 QUIT = ("/exit", "/quit", "exit", "quit")
 
 
 def chat(
-    model: Annotated[Optional[str], typer.Option("--model", help="Run folder or model folder; default $MEDMVL_MODEL, else the newest finished run under ./runs.")] = None,
-    image: Annotated[Optional[Path], typer.Option("--image", exists=True, help="A 2D image to talk about (PNG, JPEG, BMP, TIFF, DICOM).")] = None,
-    volume: Annotated[Optional[Path], typer.Option("--volume", exists=True, help="A 3D volume to talk about (.npy, NIfTI, NRRD, MHA, DICOM folder).")] = None,
-    system: Annotated[Optional[str], typer.Option("--system", help="A system prompt (default: the template's own).")] = None,
+    model: Annotated[str | None, typer.Option("--model", help="Run folder or model folder; default $MEDMVL_MODEL, else the newest finished run under ./runs.")] = None,
+    image: Annotated[Path | None, typer.Option("--image", exists=True, help="A 2D image to talk about (PNG, JPEG, BMP, TIFF, DICOM).")] = None,
+    volume: Annotated[Path | None, typer.Option("--volume", exists=True, help="A 3D volume to talk about (.npy, NIfTI, NRRD, MHA, DICOM folder).")] = None,
+    system: Annotated[str | None, typer.Option("--system", help="A system prompt (default: the template's own).")] = None,
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", min=1, help="Longest answer.", rich_help_panel=GEN)] = 256,
     temperature: Annotated[float, typer.Option("--temperature", min=0.0, help="0 = greedy; > 0 samples.", rich_help_panel=GEN)] = 0.0,
     top_p: Annotated[float, typer.Option("--top-p", min=0.0, max=1.0, help="Nucleus sampling mass (with --temperature > 0).", rich_help_panel=GEN)] = 1.0,
@@ -38,7 +39,8 @@ def chat(
         raise typer.BadParameter("give --image or --volume, not both", param_hint="--volume")
     from rich.console import Console
 
-    from medmvl_cli.inference.generate import GenerationSettings, Request, choose_model
+    from medmvl_cli.inference.generate import GenerationSettings, Request
+    from medmvl_cli.runs.resolve import choose_model
     from medmvl_cli.serve.server import load_predictor
 
     console, err = Console(highlight=False), Console(stderr=True, highlight=False)
@@ -47,7 +49,7 @@ def chat(
     predictor = load_predictor(model_dir, **limit_options(max_voxels, max_pixels))
     settings = GenerationSettings(max_new_tokens, temperature, top_p)
     media = {"images": [image] if image else [], "volumes": [volume] if volume else []}
-    placeholder = "<image>\n" if image else "<image3d>\n" if volume else ""
+    placeholder = f"{IMAGE_PLACEHOLDER}\n" if image else f"{VOLUME_PLACEHOLDER}\n" if volume else ""
     start = [{"role": "system", "content": system}] if system else []
     messages = list(start)
     err.print("Ask a question (/exit to leave, /reset to start over).")

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -34,15 +34,15 @@ def validate(
         typer.Argument(help="Annotation file: a JSON list or JSONL of MedM-VL / LLaVA records.", show_default=False),
     ],
     image_root: Annotated[
-        Optional[Path],
+        Path | None,
         typer.Option("--image-root", help="Folder `image` paths are relative to (default: the annotation file's folder)."),
     ] = None,
     volume_root: Annotated[
-        Optional[Path],
+        Path | None,
         typer.Option("--volume-root", help="Folder `image3d` paths are relative to (default: the annotation file's folder)."),
     ] = None,
     recipe: Annotated[
-        Optional[Path],
+        Path | None,
         typer.Option("--recipe", help="Also tokenise with this recipe's template and report lengths against model.llm.max_length."),
     ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON on stdout.")] = False,
@@ -51,7 +51,7 @@ def validate(
         typer.Option("--strict-paths", help="Flag (and do not open) absolute paths and paths that leave their root by `..` or a symlink."),
     ] = False,
     workers: Annotated[
-        Optional[int],
+        int | None,
         typer.Option("--workers", min=1, help="Threads checking files (default: CPU count + 2, at most 8)."),
     ] = None,
     mode: Annotated[
@@ -233,7 +233,7 @@ def synth(
 @app.command("cache")
 def cache(
     recipe: Annotated[Path, typer.Argument(help="Recipe whose data.train / data.eval volumes to preprocess.", show_default=False)],
-    overrides: Annotated[Optional[list[str]], typer.Argument(help="Dotted KEY=VALUE recipe overrides.", show_default=False)] = None,
+    overrides: Annotated[list[str] | None, typer.Argument(help="Dotted KEY=VALUE recipe overrides.", show_default=False)] = None,
     workers: Annotated[int, typer.Option("--workers", min=0, help="Parallel jobs (0 = one in this process).")] = 2,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
 ) -> None:
@@ -297,12 +297,12 @@ def convert(
     dataset: Annotated[Dataset, typer.Argument(help="The dataset's converter (docs/datasets.md).", show_default=False)],
     src: Annotated[Path, typer.Argument(help="The dataset as downloaded (a folder; a parquet file for hf). Only read.", show_default=False)],
     out: Annotated[Path, typer.Option("--out", help="Folder for <split>.json, media links and conversion.json.", show_default=False)],
-    split: Annotated[Optional[list[str]], typer.Option("--split", help="Split(s) to write (repeatable; default: every split SRC holds).")] = None,
+    split: Annotated[list[str] | None, typer.Option("--split", help="Split(s) to write (repeatable; default: every split SRC holds).")] = None,
     lang: Annotated[Lang, typer.Option("--lang", help="SLAKE: questions in this language.")] = Lang.en,
-    image_column: Annotated[Optional[str], typer.Option("--image-column", help="hf: the image column (default image).")] = None,
-    question_column: Annotated[Optional[str], typer.Option("--question-column", help="hf: the question column (default question).")] = None,
-    answer_column: Annotated[Optional[str], typer.Option("--answer-column", help="hf: the answer column (default answer).")] = None,
-    question_type_column: Annotated[Optional[str], typer.Option("--question-type-column", help="hf: a closed / open / choice column (default: yes / no answers are closed).")] = None,
+    image_column: Annotated[str | None, typer.Option("--image-column", help="hf: the image column (default image).")] = None,
+    question_column: Annotated[str | None, typer.Option("--question-column", help="hf: the question column (default question).")] = None,
+    answer_column: Annotated[str | None, typer.Option("--answer-column", help="hf: the answer column (default answer).")] = None,
+    question_type_column: Annotated[str | None, typer.Option("--question-type-column", help="hf: a closed / open / choice column (default: yes / no answers are closed).")] = None,
     no_validate: Annotated[bool, typer.Option("--no-validate", help="Skip `data validate` on the files written.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON on stdout.")] = False,
 ) -> None:
@@ -317,7 +317,8 @@ def convert(
     """
     from rich.console import Console
 
-    from medmvl_cli.data.convert import ConvertOptions, convert as run_convert, get_converter
+    from medmvl_cli.data.convert import ConvertOptions, get_converter
+    from medmvl_cli.data.convert import convert as run_convert
 
     options = ConvertOptions(lang=lang.value, image_column=image_column, question_column=question_column,
                              answer_column=answer_column, question_type_column=question_type_column)

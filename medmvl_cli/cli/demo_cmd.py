@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -14,7 +14,7 @@ SERVER = "Server"
 
 
 def demo(
-    model: Annotated[Optional[str], typer.Option("--model", help="Run folder or model folder; default $MEDMVL_MODEL, else the newest finished run under ./runs.")] = None,
+    model: Annotated[str | None, typer.Option("--model", help="Run folder or model folder; default $MEDMVL_MODEL, else the newest finished run under ./runs.")] = None,
     host: Annotated[str, typer.Option("--host", help="Address to listen on; 0.0.0.0 opens the page to the network (no login).", rich_help_panel=SERVER)] = "127.0.0.1",
     port: Annotated[int, typer.Option("--port", min=1, max=65535, help="Port to listen on.", rich_help_panel=SERVER)] = 7860,
     max_upload_mb: Annotated[float, typer.Option("--max-upload-mb", min=1, help="Largest file a user may upload, in MB.", rich_help_panel=SERVER)] = 1024,
@@ -36,7 +36,8 @@ def demo(
 
     from medmvl_cli.cli.options import limit_options
     from medmvl_cli.demo.app import launch, require_gradio
-    from medmvl_cli.inference.generate import Predictor, resolve_model_dir
+    from medmvl_cli.inference.generate import Predictor
+    from medmvl_cli.runs.resolve import resolve_model_dir
     from medmvl_cli.serve.server import is_loopback
 
     require_gradio()  # before the minutes a large model takes to load
@@ -50,7 +51,7 @@ def demo(
     limits = limit_options(max_voxels, max_pixels)
     predictor = Predictor(model_dir, **limits)
 
-    def ready(local_url: str, share_url: Optional[str]) -> None:
+    def ready(local_url: str, share_url: str | None) -> None:
         typer.echo(local_url.rstrip("/") + "/", nl=True)
         if share_url:
             typer.echo(share_url)

@@ -5,29 +5,30 @@ from __future__ import annotations
 import sys
 import time
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
 from medmvl_cli.cli.options import MaxPixelsOption, MaxVoxelsOption
+from medmvl_cli.constants import IMAGE_PLACEHOLDER, VOLUME_PLACEHOLDER
 
 GEN = "Generation"
 BATCH = "Batch (--data)"
 DEFAULT_PROMPTS = {
-    "image": "<image>\nDescribe the findings in this image.",
-    "image3d": "<image3d>\nWrite the findings of a radiology report for this CT scan.",
+    "image": f"{IMAGE_PLACEHOLDER}\nDescribe the findings in this image.",
+    "image3d": f"{VOLUME_PLACEHOLDER}\nWrite the findings of a radiology report for this CT scan.",
 }
 
 
 def infer(
-    model: Annotated[Optional[str], typer.Option("--model", help="Run folder or model folder; default $MEDMVL_MODEL, else the newest finished run under ./runs.")] = None,
-    image: Annotated[Optional[Path], typer.Option("--image", help="A 2D image (PNG, JPEG, BMP, TIFF, DICOM).")] = None,
-    volume: Annotated[Optional[Path], typer.Option("--volume", help="A 3D volume (.npy, NIfTI, NRRD, MHA, DICOM folder).")] = None,
-    prompt: Annotated[Optional[str], typer.Option("--prompt", help="The question (default: a description for an image, a report for a volume); the placeholder is added when missing.")] = None,
-    data: Annotated[Optional[Path], typer.Option("--data", help="Annotation file to answer (batch mode).", rich_help_panel=BATCH)] = None,
-    out: Annotated[Optional[Path], typer.Option("--out", help="Predictions JSONL (batch mode).", rich_help_panel=BATCH)] = None,
-    image_root: Annotated[Optional[Path], typer.Option("--image-root", help="Folder image paths are relative to (default: the annotation file's).", rich_help_panel=BATCH)] = None,
-    volume_root: Annotated[Optional[Path], typer.Option("--volume-root", help="Folder volume paths are relative to (default: the annotation file's).", rich_help_panel=BATCH)] = None,
+    model: Annotated[str | None, typer.Option("--model", help="Run folder or model folder; default $MEDMVL_MODEL, else the newest finished run under ./runs.")] = None,
+    image: Annotated[Path | None, typer.Option("--image", help="A 2D image (PNG, JPEG, BMP, TIFF, DICOM).")] = None,
+    volume: Annotated[Path | None, typer.Option("--volume", help="A 3D volume (.npy, NIfTI, NRRD, MHA, DICOM folder).")] = None,
+    prompt: Annotated[str | None, typer.Option("--prompt", help="The question (default: a description for an image, a report for a volume); the placeholder is added when missing.")] = None,
+    data: Annotated[Path | None, typer.Option("--data", help="Annotation file to answer (batch mode).", rich_help_panel=BATCH)] = None,
+    out: Annotated[Path | None, typer.Option("--out", help="Predictions JSONL (batch mode).", rich_help_panel=BATCH)] = None,
+    image_root: Annotated[Path | None, typer.Option("--image-root", help="Folder image paths are relative to (default: the annotation file's).", rich_help_panel=BATCH)] = None,
+    volume_root: Annotated[Path | None, typer.Option("--volume-root", help="Folder volume paths are relative to (default: the annotation file's).", rich_help_panel=BATCH)] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Questions per batch.", rich_help_panel=BATCH)] = 8,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Start the output file over instead of resuming.", rich_help_panel=BATCH)] = False,
     feature_cache: Annotated[bool, typer.Option("--feature-cache/--no-feature-cache", help="Reuse a volume's features across its questions.", rich_help_panel=BATCH)] = True,
@@ -36,7 +37,7 @@ def infer(
     temperature: Annotated[float, typer.Option("--temperature", min=0.0, help="0 = greedy; > 0 samples.", rich_help_panel=GEN)] = 0.0,
     top_p: Annotated[float, typer.Option("--top-p", min=0.0, max=1.0, help="Nucleus sampling mass (with --temperature > 0).", rich_help_panel=GEN)] = 1.0,
     num_beams: Annotated[int, typer.Option("--num-beams", min=1, help="Beam search width.", rich_help_panel=GEN)] = 1,
-    seed: Annotated[Optional[int], typer.Option("--seed", help="Seed for sampling, to draw the same answers again.", rich_help_panel=GEN)] = None,
+    seed: Annotated[int | None, typer.Option("--seed", help="Seed for sampling, to draw the same answers again.", rich_help_panel=GEN)] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
     max_voxels: MaxVoxelsOption = None,
     max_pixels: MaxPixelsOption = None,
@@ -64,7 +65,8 @@ def infer(
     from rich.console import Console
 
     from medmvl_cli.cli.options import limit_options
-    from medmvl_cli.inference.generate import GenerationSettings, Predictor, Request, choose_model
+    from medmvl_cli.inference.generate import GenerationSettings, Predictor, Request
+    from medmvl_cli.runs.resolve import choose_model
 
     err = Console(stderr=True)
     model_dir, how = choose_model(model)
@@ -77,7 +79,7 @@ def infer(
         torch.manual_seed(seed)
     if single:
         text = prompt or DEFAULT_PROMPTS["image3d" if volume is not None else "image"]
-        for path, placeholder in ((volume, "<image3d>"), (image, "<image>")):
+        for path, placeholder in ((volume, VOLUME_PLACEHOLDER), (image, IMAGE_PLACEHOLDER)):
             if path is not None and placeholder not in text:
                 text = f"{placeholder}\n{text}"
         request = Request(messages=[{"role": "user", "content": text}],

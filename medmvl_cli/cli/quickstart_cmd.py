@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -11,8 +11,8 @@ import typer
 def quickstart(
     kind: Annotated[str, typer.Option("--kind", help="2d (films, 4 quadrants) or 3d (CT volumes, left / right lung).")] = "2d",
     workdir: Annotated[Path, typer.Option("--workdir", help="Where data/quickstart and runs/quickstart-KIND go.")] = Path("."),
-    n: Annotated[Optional[int], typer.Option("--n", min=4, help="Synthetic cases to generate when the data is missing.")] = None,
-    overrides: Annotated[Optional[list[str]], typer.Argument(help="Recipe overrides, e.g. train.epochs=10.", show_default=False)] = None,
+    n: Annotated[int | None, typer.Option("--n", min=4, help="Synthetic cases to generate when the data is missing.")] = None,
+    overrides: Annotated[list[str] | None, typer.Argument(help="Recipe overrides, e.g. train.epochs=10.", show_default=False)] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
 ) -> None:
     """Train tiny models on synthetic data and print held-out accuracy against chance.
@@ -25,7 +25,7 @@ def quickstart(
     from rich.console import Console
     from rich.table import Table
 
-    from medmvl_cli.engine.quickstart import run_quickstart
+    from medmvl_cli.workflows.quickstart import run_quickstart
 
     if kind not in ("2d", "3d"):
         raise typer.BadParameter("use 2d or 3d", param_hint="--kind")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -14,11 +14,11 @@ LIMITS = "Batching and limits"
 
 
 def serve(
-    model: Annotated[Optional[str], typer.Option("--model", help="Run folder or model folder; default $MEDMVL_MODEL, else the newest finished run under ./runs.")] = None,
+    model: Annotated[str | None, typer.Option("--model", help="Run folder or model folder; default $MEDMVL_MODEL, else the newest finished run under ./runs.")] = None,
     host: Annotated[str, typer.Option("--host", help="Address to listen on; anything but loopback needs --api-key.", rich_help_panel=SERVER)] = "127.0.0.1",
     port: Annotated[int, typer.Option("--port", min=1, max=65535, help="Port to listen on.", rich_help_panel=SERVER)] = 8000,
-    api_key: Annotated[Optional[str], typer.Option("--api-key", envvar="MEDMVL_API_KEY", show_envvar=True, help="Require Authorization: Bearer KEY on /v1 routes.", rich_help_panel=SERVER)] = None,
-    allowed_local_root: Annotated[Optional[Path], typer.Option("--allowed-local-root", exists=True, file_okay=False, help="Let requests name files under this folder with file:// URLs (off by default).", rich_help_panel=SERVER)] = None,
+    api_key: Annotated[str | None, typer.Option("--api-key", envvar="MEDMVL_API_KEY", show_envvar=True, help="Require Authorization: Bearer KEY on /v1 routes.", rich_help_panel=SERVER)] = None,
+    allowed_local_root: Annotated[Path | None, typer.Option("--allowed-local-root", exists=True, file_okay=False, help="Let requests name files under this folder with file:// URLs (off by default).", rich_help_panel=SERVER)] = None,
     max_batch_size: Annotated[int, typer.Option("--max-batch-size", min=1, help="Most requests answered in one forward.", rich_help_panel=LIMITS)] = 8,
     batch_window_ms: Annotated[float, typer.Option("--batch-window-ms", min=0, help="How long the first request of a batch waits for others.", rich_help_panel=LIMITS)] = 5.0,
     max_body_mb: Annotated[float, typer.Option("--max-body-mb", min=1, help="Largest request body (base64 media included).", rich_help_panel=LIMITS)] = 256,
@@ -41,7 +41,7 @@ def serve(
     """
     from rich.console import Console
 
-    from medmvl_cli.inference.generate import choose_model
+    from medmvl_cli.runs.resolve import choose_model
     from medmvl_cli.serve.server import check_binding, load_predictor, require_serve_extra, run
 
     require_serve_extra()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import sys
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -13,7 +13,7 @@ from medmvl_cli.cli.options import OverridesArg, RecipeArg
 logger = logging.getLogger(__name__)
 DIST = "Distributed"
 
-ResumeOption = Annotated[Optional[str], typer.Option("--resume", help="`auto` (last complete checkpoint) or a checkpoint folder.")]
+ResumeOption = Annotated[str | None, typer.Option("--resume", help="`auto` (last complete checkpoint) or a checkpoint folder.")]
 OverwriteOption = Annotated[bool, typer.Option("--overwrite", help="Delete an existing run folder and start over.")]
 DryRunOption = Annotated[bool, typer.Option("--dry-run", help="Print the resolved recipe, parameter counts and launch command; train nothing.")]
 QuietOption = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")]
@@ -68,7 +68,7 @@ def _dry_run(recipe, recipe_yaml: str, command: str) -> None:
     from medmvl_cli.model.trainable import parameter_counts
 
     typer.echo(recipe_yaml, nl=False)
-    model, _, _ = build_training_model(recipe)
+    model, _ = build_training_model(recipe)
     table = Table(title="parameters")
     for column in ("component", "total", "trainable"):
         table.add_column(column, justify="right" if column != "component" else "left")

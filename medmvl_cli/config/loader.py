@@ -8,37 +8,16 @@ from __future__ import annotations
 
 import difflib
 import typing
-from dataclasses import dataclass
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable, Optional
+from typing import Any
 
 import yaml
 from pydantic import BaseModel, ValidationError
 
+from medmvl_cli.config.problems import Problem, RawRecipe
 from medmvl_cli.config.schema import Recipe
 from medmvl_cli.errors import RecipeError
-
-
-@dataclass(frozen=True)
-class Problem:
-    """One thing wrong with a recipe: where (dotted key path), what, and how to fix it."""
-
-    path: str
-    message: str
-    hint: Optional[str] = None
-
-    def __str__(self) -> str:
-        where = self.path or "(recipe)"
-        return f"{where}: {self.message}" + (f" ({self.hint})" if self.hint else "")
-
-
-@dataclass
-class RawRecipe:
-    """The YAML tree after overrides, with where it came from."""
-
-    tree: dict
-    source: Optional[Path]
-    overridden: set[str]
 
 
 # ------------------------------------------------------------------------------------------ YAML
@@ -197,7 +176,7 @@ def _models(annotation: Any) -> list[type[BaseModel]]:
     return [t for t in _unwrap(annotation) if isinstance(t, type) and issubclass(t, BaseModel)]
 
 
-def _tag_of(model: type[BaseModel]) -> Optional[str]:
+def _tag_of(model: type[BaseModel]) -> str | None:
     field = model.model_fields.get("type")
     if field is not None and typing.get_origin(field.annotation) is typing.Literal:
         return typing.get_args(field.annotation)[0]
@@ -253,7 +232,7 @@ KEY_ALIASES: dict[str, str] = {
 }
 
 
-def _moved_key(name: str, path: str) -> Optional[str]:
+def _moved_key(name: str, path: str) -> str | None:
     """Where medmvl keeps a key written under another name or in another section, if known."""
     from medmvl_cli.config.reference import key_paths
 
@@ -290,7 +269,7 @@ def _problem_from_error(err: dict) -> Problem:
     return Problem(path, message)
 
 
-def validate_tree(tree: dict) -> tuple[Optional[Recipe], list[Problem]]:
+def validate_tree(tree: dict) -> tuple[Recipe | None, list[Problem]]:
     """Validate a raw recipe tree; returns the recipe (or None) and every problem found."""
     try:
         return Recipe.model_validate(tree), []
@@ -299,8 +278,8 @@ def validate_tree(tree: dict) -> tuple[Optional[Recipe], list[Problem]]:
 
 
 def check_recipe(
-    path: Path | str, overrides: Iterable[str] = (), stage: Optional[str] = None
-) -> tuple[Optional[Recipe], list[Problem]]:
+    path: Path | str, overrides: Iterable[str] = (), stage: str | None = None
+) -> tuple[Recipe | None, list[Problem]]:
     """Load, validate and resolve; returns the resolved recipe (None if not valid) and all problems."""
     from medmvl_cli.config.resolve import cross_check, resolve_paths, resolve_stage
 
@@ -314,7 +293,7 @@ def check_recipe(
     return (recipe if not stage_problems else None), stage_problems
 
 
-def load_recipe(path: Path | str, overrides: Iterable[str] = (), stage: Optional[str] = None) -> Recipe:
+def load_recipe(path: Path | str, overrides: Iterable[str] = (), stage: str | None = None) -> Recipe:
     """Load a recipe ready to run, or raise RecipeError listing every problem."""
     recipe, problems = check_recipe(path, overrides, stage)
     if problems:

@@ -13,9 +13,10 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
-from medmvl_cli.config.loader import Problem, RawRecipe
+from medmvl_cli.config.names import PRESET_TEMPLATES
+from medmvl_cli.config.problems import Problem, RawRecipe
 from medmvl_cli.config.schema import STAGES, LoraConfig, Recipe
 
 STAGE_DEFAULTS: dict[str, dict[str, str]] = {
@@ -24,7 +25,6 @@ STAGE_DEFAULTS: dict[str, dict[str, str]] = {
     "lora": {"llm": "lora", "encoder": "frozen", "connector": "full"},
 }
 DEEPSPEED_PRESETS = ("zero2", "zero3")
-PRESET_TEMPLATES = {"tiny-qwen2": "qwen2", "tiny-llama": "llama3", "tiny-phi": "phi", "tiny-phi3": "phi3"}
 MODEL_TYPE_TEMPLATES = {"qwen2": "qwen2", "qwen3": "qwen2", "llama": "llama3", "phi": "phi", "phi3": "phi3"}
 
 
@@ -36,7 +36,7 @@ def _get(tree: Any, *keys: str) -> Any:
     return tree
 
 
-def cross_check(tree: dict, stage: Optional[str]) -> list[Problem]:
+def cross_check(tree: dict, stage: str | None) -> list[Problem]:
     """Checks that span sections, run on the raw tree so they are reported beside field errors."""
     problems: list[Problem] = []
     recipe_stage = tree.get("stage")
@@ -56,15 +56,6 @@ def cross_check(tree: dict, stage: Optional[str]) -> list[Problem]:
                         f"trainable.{key}", f"is set but the model has no `model.{branch}` branch",
                         hint=f"add `model.{branch}` or remove `trainable.{key}`",
                     ))
-    image3d = model.get("image3d") if isinstance(model.get("image3d"), dict) else {}
-    encoder, size = _get(image3d, "encoder") or {}, _get(image3d, "volume", "size")
-    if isinstance(encoder, dict) and encoder.get("type") == "slices" and isinstance(size, list) and size:
-        slices = encoder.get("num_slices", 32)
-        if isinstance(slices, int) and slices != size[0]:
-            problems.append(Problem(
-                "model.image3d.encoder.num_slices", f"is {slices} but model.image3d.volume.size[0] is {size[0]}",
-                hint="a slices encoder takes every slice of the preprocessed volume: make them equal",
-            ))
     problems += _tracker_problems(_get(tree, "train", "report_to"))
     problems += _best_checkpoint_problems(tree)
     deepspeed = _get(tree, "distributed", "deepspeed")
@@ -121,7 +112,7 @@ def _looks_local(value: str, base: Path) -> bool:
     return value.startswith((".", "/", "~")) or (base / value).exists()
 
 
-def _resolve(value: Optional[str], base: Path) -> Optional[str]:
+def _resolve(value: str | None, base: Path) -> str | None:
     if value is None:
         return None
     return str((base / Path(value).expanduser()).resolve())
@@ -157,7 +148,7 @@ def resolve_paths(recipe: Recipe, raw: RawRecipe) -> Recipe:
 
 
 # ----------------------------------------------------------------------------------------- stages
-def llm_template(recipe: Recipe) -> Optional[str]:
+def llm_template(recipe: Recipe) -> str | None:
     """The native chat template of the recipe's LLM, or None if its family cannot be told."""
     llm = recipe.model.llm
     if llm.preset is not None:
@@ -174,7 +165,7 @@ def llm_template(recipe: Recipe) -> Optional[str]:
     return None
 
 
-def resolve_stage(recipe: Recipe, stage: Optional[str]) -> tuple[Recipe, list[Problem]]:
+def resolve_stage(recipe: Recipe, stage: str | None) -> tuple[Recipe, list[Problem]]:
     """Fill `stage`, `trainable`, `lora` and `model.llm.template` with the stage defaults."""
     problems: list[Problem] = []
     recipe = recipe.model_copy(deep=True)

@@ -8,20 +8,17 @@ schema describes what a user may write and `config show` prints what will actual
 from __future__ import annotations
 
 import difflib
-from typing import Annotated, Literal, Optional, Union
+import math
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from medmvl_cli.config.limits import DEFAULT_MAX_PIXELS, DEFAULT_MAX_VOXELS
+from medmvl_cli.config.names import LLM_PRESETS, TEMPLATES
 from medmvl_cli.config.trackers import NO_TRACKER, TRACKERS
 
 Stage = Literal["pretrain", "finetune", "lora"]
 STAGES: tuple[str, ...] = ("pretrain", "finetune", "lora")
-LLM_PRESETS: tuple[str, ...] = ("tiny-qwen2", "tiny-llama", "tiny-phi", "tiny-phi3")
-TEMPLATES: tuple[str, ...] = (
-    "qwen2", "llama3", "phi", "phi3", "plain",
-    "medmvl-qwen2", "medmvl-llama3", "medmvl-phi", "medmvl-phi3",
-)
 Activation = Literal["gelu", "relu", "silu"]
 Train = Literal["frozen", "full"]
 TrainLLM = Literal["frozen", "full", "lora"]
@@ -34,7 +31,7 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
-def _one_source(path: Optional[str], preset: Optional[str], what: str) -> None:
+def _one_source(path: str | None, preset: str | None, what: str) -> None:
     if (path is None) == (preset is None):
         raise ValueError(f"{what}: give exactly one of `path` (a local HF folder) or `preset` (built-in tiny model)")
 
@@ -53,8 +50,8 @@ class ClipEncoder(_EncoderBase):
     """A CLIP vision tower (transformers' CLIPVisionModel)."""
 
     type: Literal["clip"] = Field(description="Encoder backend.")
-    path: Optional[str] = Field(None, description="Local HF folder (or hub id where the hub is reachable) of a CLIP model.")
-    preset: Optional[Literal["tiny"]] = Field(None, description="Built-in random-init tiny encoder instead of `path`.")
+    path: str | None = Field(None, description="Local HF folder (or hub id where the hub is reachable) of a CLIP model.")
+    preset: Literal["tiny"] | None = Field(None, description="Built-in random-init tiny encoder instead of `path`.")
 
     @model_validator(mode="after")
     def _source(self):
@@ -66,8 +63,8 @@ class SiglipEncoder(_EncoderBase):
     """A SigLIP vision tower (transformers' SiglipVisionModel); it has no CLS token."""
 
     type: Literal["siglip"] = Field(description="Encoder backend.")
-    path: Optional[str] = Field(None, description="Local HF folder (or hub id) of a SigLIP model.")
-    preset: Optional[Literal["tiny"]] = Field(None, description="Built-in random-init tiny encoder instead of `path`.")
+    path: str | None = Field(None, description="Local HF folder (or hub id) of a SigLIP model.")
+    preset: Literal["tiny"] | None = Field(None, description="Built-in random-init tiny encoder instead of `path`.")
 
     @model_validator(mode="after")
     def _source(self):
@@ -75,21 +72,21 @@ class SiglipEncoder(_EncoderBase):
         return self
 
 
-ImageEncoder = Annotated[Union[ClipEncoder, SiglipEncoder], Field(discriminator="type")]
+ImageEncoder = Annotated[ClipEncoder | SiglipEncoder, Field(discriminator="type")]
 
 
 class Vit3dEncoder(_EncoderBase):
     """A 3D ViT from MONAI building blocks; its input size is `volume.size`."""
 
     type: Literal["vit3d"] = Field(description="Encoder backend.")
-    path: Optional[str] = Field(None, description="Folder of a saved vit3d encoder (else random init).")
-    preset: Optional[Literal["tiny"]] = Field(None, description="`tiny`: hidden 64, 2 layers, 4 heads, patch 4x8x8.")
+    path: str | None = Field(None, description="Folder of a saved vit3d encoder (else random init).")
+    preset: Literal["tiny"] | None = Field(None, description="`tiny`: hidden 64, 2 layers, 4 heads, patch 4x8x8.")
     select_layer: int = Field(-1, description="Hidden state the features come from (0 = patch embeddings, -1 = last).")
-    patch_size: Optional[PositiveTriple] = Field(None, description="Patch size (D, H, W); each must divide `volume.size`.")
-    hidden_size: Optional[int] = Field(None, gt=0, description="Token width (default 768; tiny preset 64).")
-    num_layers: Optional[int] = Field(None, gt=0, description="Transformer blocks (default 12; tiny preset 2).")
-    num_heads: Optional[int] = Field(None, gt=0, description="Attention heads (default 12; tiny preset 4).")
-    mlp_dim: Optional[int] = Field(None, gt=0, description="MLP width (default 4 x hidden_size).")
+    patch_size: PositiveTriple | None = Field(None, description="Patch size (D, H, W); each must divide `volume.size`.")
+    hidden_size: int | None = Field(None, gt=0, description="Token width (default 768; tiny preset 64).")
+    num_layers: int | None = Field(None, gt=0, description="Transformer blocks (default 12; tiny preset 2).")
+    num_heads: int | None = Field(None, gt=0, description="Attention heads (default 12; tiny preset 4).")
+    mlp_dim: int | None = Field(None, gt=0, description="MLP width (default 4 x hidden_size).")
 
 
 class M3dClipEncoder(_EncoderBase):
@@ -113,8 +110,8 @@ class SlicesEncoder(_EncoderBase):
 
     type: Literal["slices"] = Field(description="Encoder backend.")
     base: Literal["clip", "siglip"] = Field(description="The 2D encoder run over the slices.")
-    path: Optional[str] = Field(None, description="Local HF folder (or hub id) of the 2D encoder.")
-    preset: Optional[Literal["tiny"]] = Field(None, description="Built-in random-init tiny 2D encoder instead of `path`.")
+    path: str | None = Field(None, description="Local HF folder (or hub id) of the 2D encoder.")
+    preset: Literal["tiny"] | None = Field(None, description="Built-in random-init tiny 2D encoder instead of `path`.")
     num_slices: int = Field(32, gt=0, description="Slices taken from the volume (must equal `volume.size[0]`).")
 
     @model_validator(mode="after")
@@ -124,7 +121,7 @@ class SlicesEncoder(_EncoderBase):
 
 
 VolumeEncoder = Annotated[
-    Union[Vit3dEncoder, M3dClipEncoder, MedmClipEncoder, SlicesEncoder], Field(discriminator="type")
+    Vit3dEncoder | M3dClipEncoder | MedmClipEncoder | SlicesEncoder, Field(discriminator="type")
 ]
 
 
@@ -144,7 +141,7 @@ class SpatialPoolingConnector(Section):
     """Average pooling over the encoder's patch grid (3D or 2D, derived), then an MLP."""
 
     type: Literal["spatial_pooling"] = Field(description="Connector backend.")
-    pool: Union[Annotated[int, Field(gt=0)], PositiveTriple] = Field(
+    pool: Annotated[int, Field(gt=0)] | PositiveTriple = Field(
         2, description="Pooling kernel and stride: one int for every axis, or (D, H, W)."
     )
     depth: int = Field(2, gt=0, description="Number of Linear layers after pooling.")
@@ -155,7 +152,7 @@ class AttentionPoolingConnector(Section):
     """Learned queries attend over the encoder tokens (multi-head attention), then an MLP."""
 
     type: Literal["attention_pooling"] = Field(description="Connector backend.")
-    num_queries: Optional[int] = Field(
+    num_queries: int | None = Field(
         None, gt=0, description="Learned queries = output tokens; null = patches per slice (MedM-VL)."
     )
     heads: int = Field(8, gt=0, description="Attention heads (must divide the encoder width).")
@@ -167,7 +164,7 @@ class AttentionPoolingConnector(Section):
 
 
 Connector = Annotated[
-    Union[MlpConnector, SpatialPoolingConnector, AttentionPoolingConnector], Field(discriminator="type")
+    MlpConnector | SpatialPoolingConnector | AttentionPoolingConnector, Field(discriminator="type")
 ]
 
 
@@ -186,7 +183,7 @@ class VolumeConfig(Section):
 
     size: PositiveTriple = Field((32, 256, 256), description="(D, H, W) after preprocessing.")
     window: tuple[float, float] = Field((-1000.0, 1000.0), description="HU window (low, high) mapped to [0, 1].")
-    spacing: Optional[tuple[float, float, float]] = Field(
+    spacing: tuple[float, float, float] | None = Field(
         None, description="Resample to this voxel spacing in mm (D, H, W); null keeps the voxel grid."
     )
     orientation: str = Field(
@@ -207,7 +204,7 @@ class VolumeConfig(Section):
     @field_validator("spacing")
     @classmethod
     def _spacing_positive(cls, v):
-        if v is not None and min(v) <= 0:
+        if v is not None and (min(v) <= 0 or not all(math.isfinite(s) for s in v)):
             raise ValueError("spacing values must be positive (mm)")
         return v
 
@@ -220,6 +217,13 @@ class VolumeConfig(Section):
             raise ValueError(f"orientation {v!r} must name each of L/R, A/P, S/I once, e.g. RAS or LPS")
         return v
 
+    @model_validator(mode="after")
+    def _square_for_turns(self):
+        if self.augment.rotate90_prob > 0 and self.size[1] != self.size[2]:
+            raise ValueError(f"augment.rotate90_prob: 90° turns in the H×W plane need H == W, size is {list(self.size)}; "
+                             "use a square H×W or set rotate90_prob to 0")
+        return self
+
 
 # --------------------------------------------------------------------------------------- branches
 class ImageBranch(Section):
@@ -227,7 +231,7 @@ class ImageBranch(Section):
 
     encoder: ImageEncoder = Field(description="The 2D vision encoder (chosen by `type`).")
     connector: Connector = Field(description="Maps encoder features to LLM tokens (chosen by `type`).")
-    window: Optional[tuple[float, float]] = Field(
+    window: tuple[float, float] | None = Field(
         None, description="Window (low, high) for DICOM images; null = the file's own window."
     )
 
@@ -239,15 +243,23 @@ class Image3dBranch(Section):
     connector: Connector = Field(description="Maps encoder features to LLM tokens (chosen by `type`).")
     volume: VolumeConfig = Field(default_factory=VolumeConfig, description="Volume preprocessing.")
 
+    @model_validator(mode="after")
+    def _slices_take_every_slice(self):
+        if self.encoder.type == "slices" and self.encoder.num_slices != self.volume.size[0]:
+            raise ValueError(f"slices encoder: num_slices is {self.encoder.num_slices} but volume.size[0] is "
+                             f"{self.volume.size[0]}; a slices encoder takes every slice of the preprocessed "
+                             "volume: make them equal")
+        return self
+
 
 class LLMConfig(Section):
     """The causal language model and how text is formatted for it."""
 
-    path: Optional[str] = Field(None, description="Local HF folder of the LLM (a hub id only where the hub is reachable).")
-    preset: Optional[Literal["tiny-qwen2", "tiny-llama", "tiny-phi", "tiny-phi3"]] = Field(
+    path: str | None = Field(None, description="Local HF folder of the LLM (a hub id only where the hub is reachable).")
+    preset: Literal[LLM_PRESETS] | None = Field(
         None, description="Built-in random-init tiny LLM with its own tokenizer, instead of `path`."
     )
-    template: Optional[str] = Field(
+    template: str | None = Field(
         None, description="Chat template: qwen2 | llama3 | phi | phi3 | plain | medmvl-<llm>; null = the stage default."
     )
     max_length: int = Field(2048, gt=0, description="Longest sequence in tokens, image tokens included (the one truncation point).")
@@ -275,8 +287,8 @@ class ModelConfig(Section):
     """The encoder-connector-LLM stack; at least one of `image` / `image3d`."""
 
     llm: LLMConfig = Field(description="The language model.")
-    image: Optional[ImageBranch] = Field(None, description="The 2D branch (images, `<image>` placeholders).")
-    image3d: Optional[Image3dBranch] = Field(None, description="The 3D branch (volumes, `<image3d>` placeholders).")
+    image: ImageBranch | None = Field(None, description="The 2D branch (images, `<image>` placeholders).")
+    image3d: Image3dBranch | None = Field(None, description="The 3D branch (volumes, `<image3d>` placeholders).")
 
     @model_validator(mode="after")
     def _a_branch(self):
@@ -289,11 +301,11 @@ class ModelConfig(Section):
 class TrainableConfig(Section):
     """Which parts train; null = the stage default (see docs/recipes.md)."""
 
-    llm: Optional[TrainLLM] = Field(None, description="frozen | full | lora.")
-    image_encoder: Optional[Train] = Field(None, description="frozen | full (needs `model.image`).")
-    image_connector: Optional[Train] = Field(None, description="frozen | full (needs `model.image`).")
-    image3d_encoder: Optional[Train] = Field(None, description="frozen | full (needs `model.image3d`).")
-    image3d_connector: Optional[Train] = Field(None, description="frozen | full (needs `model.image3d`).")
+    llm: TrainLLM | None = Field(None, description="frozen | full | lora.")
+    image_encoder: Train | None = Field(None, description="frozen | full (needs `model.image`).")
+    image_connector: Train | None = Field(None, description="frozen | full (needs `model.image`).")
+    image3d_encoder: Train | None = Field(None, description="frozen | full (needs `model.image3d`).")
+    image3d_connector: Train | None = Field(None, description="frozen | full (needs `model.image3d`).")
 
 
 class LoraConfig(Section):
@@ -302,7 +314,7 @@ class LoraConfig(Section):
     r: int = Field(128, gt=0, description="Rank.")
     alpha: float = Field(256, gt=0, description="Scaling numerator (scale = alpha / r).")
     dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the adapter input.")
-    target_modules: Union[Literal["all-linear"], list[str]] = Field(
+    target_modules: Literal["all-linear"] | list[str] = Field(
         "all-linear", description="`all-linear` (every linear layer of the LLM but the output head) or module names."
     )
 
@@ -312,8 +324,8 @@ class DatasetSpec(Section):
     """One annotation file and where its files live."""
 
     annotations: str = Field(description="JSON list or JSONL of MedM-VL / LLaVA records.")
-    image_root: Optional[str] = Field(None, description="Folder that `image` paths are relative to.")
-    volume_root: Optional[str] = Field(None, description="Folder that `image3d` paths are relative to.")
+    image_root: str | None = Field(None, description="Folder that `image` paths are relative to.")
+    volume_root: str | None = Field(None, description="Folder that `image3d` paths are relative to.")
     weight: float = Field(1.0, gt=0, description="Sampling weight relative to the other training files.")
 
 
@@ -322,7 +334,7 @@ class DataConfig(Section):
 
     train: list[DatasetSpec] = Field(default_factory=list, description="Training files.")
     eval: list[DatasetSpec] = Field(default_factory=list, description="Evaluation files.")
-    cache_dir: Optional[str] = Field(None, description="Preprocessed-volume cache folder; null = no cache.")
+    cache_dir: str | None = Field(None, description="Preprocessed-volume cache folder; null = no cache.")
     group_by_length: bool = Field(True, description="Batch samples of similar length together.")
     packing: bool = Field(False, description="Padding-free batches: samples concatenated, positions restarting at 0.")
     num_workers: int = Field(2, ge=0, description="DataLoader worker processes.")
@@ -357,12 +369,12 @@ class TrainConfig(Section):
     """Optimisation and logging."""
 
     epochs: float = Field(1, gt=0, description="Passes over the training data.")
-    max_steps: Optional[int] = Field(None, gt=0, description="Stop after this many optimizer steps (overrides epochs).")
+    max_steps: int | None = Field(None, gt=0, description="Stop after this many optimizer steps (overrides epochs).")
     batch_size: int = Field(8, gt=0, description="Samples per device per step.")
     grad_accum: int = Field(1, gt=0, description="Gradient accumulation steps.")
     lr: float = Field(2e-4, gt=0, description="Peak learning rate.")
-    lr_connector: Optional[float] = Field(None, gt=0, description="Learning rate of the connectors (null = `lr`).")
-    lr_encoder: Optional[float] = Field(None, gt=0, description="Learning rate of the encoders (null = `lr`).")
+    lr_connector: float | None = Field(None, gt=0, description="Learning rate of the connectors (null = `lr`).")
+    lr_encoder: float | None = Field(None, gt=0, description="Learning rate of the encoders (null = `lr`).")
     lr_scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup"] = Field(
         "cosine", description="Learning-rate schedule after warmup."
     )
@@ -372,15 +384,15 @@ class TrainConfig(Section):
     gradient_checkpointing: bool = Field(True, description="Recompute activations in backward to save memory.")
     logging_steps: int = Field(10, gt=0, description="Log every N steps.")
     save_steps: int = Field(500, gt=0, description="Checkpoint every N steps.")
-    save_total_limit: Optional[int] = Field(2, gt=0, description="Keep at most N checkpoints (null = all).")
-    eval_steps: Optional[int] = Field(None, gt=0, description="Evaluate every N steps (null = at the end only).")
+    save_total_limit: int | None = Field(2, gt=0, description="Keep at most N checkpoints (null = all).")
+    eval_steps: int | None = Field(None, gt=0, description="Evaluate every N steps (null = at the end only).")
     eval_generate: bool = Field(
         True, description="At each evaluation also answer the eval records (greedy) and score them with "
                           "`medmvl eval`'s metrics: exact match, LLaVA-Med closed / open, choice accuracy, BLEU, ROUGE.")
-    eval_max_samples: Optional[int] = Field(
+    eval_max_samples: int | None = Field(
         200, gt=0, description="Eval records answered at each evaluation: the first N (null = all).")
     eval_max_new_tokens: int = Field(64, gt=0, description="Longest answer generated for an eval record.")
-    metric_for_best: Optional[BestMetric] = Field(
+    metric_for_best: BestMetric | None = Field(
         None, description="What makes a checkpoint the best: a `medmvl eval` metric key, or loss (lower is "
                           "better). null = exact_match when eval_generate runs, else loss.")
     keep_best: bool = Field(
@@ -407,22 +419,22 @@ class TrainConfig(Section):
 class DistributedConfig(Section):
     """Multi-process training."""
 
-    deepspeed: Optional[str] = Field(None, description="null | zero2 | zero3 | path/to/ds_config.json.")
+    deepspeed: str | None = Field(None, description="null | zero2 | zero3 | path/to/ds_config.json.")
 
 
 # ----------------------------------------------------------------------------------------- recipe
 class Recipe(Section):
     """A whole recipe: what to build, what to train it on, how."""
 
-    stage: Optional[Stage] = Field(None, description="pretrain | finetune | lora; must match the command if given.")
+    stage: Stage | None = Field(None, description="pretrain | finetune | lora; must match the command if given.")
     seed: int = Field(42, ge=0, description="Seed of every random generator.")
     output_dir: str = Field("runs/run", description="The run folder.")
-    init_from: Optional[str] = Field(
+    init_from: str | None = Field(
         None, description="Start from the model of an earlier run (its folder); not a resume."
     )
     model: ModelConfig = Field(description="The model stack.")
     trainable: TrainableConfig = Field(default_factory=TrainableConfig, description="Which parts train.")
-    lora: Optional[LoraConfig] = Field(None, description="LoRA settings (defaults when `trainable.llm: lora`).")
+    lora: LoraConfig | None = Field(None, description="LoRA settings (defaults when `trainable.llm: lora`).")
     data: DataConfig = Field(default_factory=DataConfig, description="Training and evaluation data.")
     train: TrainConfig = Field(default_factory=TrainConfig, description="Optimisation and logging.")
     distributed: DistributedConfig = Field(default_factory=DistributedConfig, description="Multi-process training.")

@@ -8,9 +8,8 @@ the pip package that provides that module.
 from __future__ import annotations
 
 import importlib.util
-from typing import Optional
 
-TRACKERS: dict[str, tuple[Optional[str], Optional[str]]] = {
+TRACKERS: dict[str, tuple[str | None, str | None]] = {
     "azure_ml": ("azureml.core", "azureml-core"),
     "clearml": ("clearml", "clearml"),
     "codecarbon": ("codecarbon", "codecarbon"),
@@ -36,7 +35,7 @@ def _importable(module: str) -> bool:
         return False
 
 
-def missing_package(name: str) -> Optional[str]:
+def missing_package(name: str) -> str | None:
     """The pip install that tracker `name` lacks here, or None when it can run."""
     module, package = TRACKERS.get(name, (None, None))
     if module is None:

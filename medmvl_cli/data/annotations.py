@@ -19,22 +19,17 @@ import json
 import logging
 import os
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Literal, NamedTuple, Optional, Union
+from typing import Any, Literal, NamedTuple
 
+from medmvl_cli.constants import IMAGE_PLACEHOLDER, VOLUME_PLACEHOLDER
+from medmvl_cli.data.turns import SPEAKER_ROLES, SYSTEM_FIRST, turn_order
 from medmvl_cli.errors import DataError
 
 log = logging.getLogger(__name__)
 
-IMAGE_PLACEHOLDER = "<image>"
-VOLUME_PLACEHOLDER = "<image3d>"
-# Roles as written in files -> the chat roles templates use.
-ROLES: dict[str, str] = {
-    "human": "user", "user": "user",
-    "gpt": "assistant", "assistant": "assistant",
-    "system": "system",
-}
 QUESTION_TYPES = ("closed", "open", "choice")
 KNOWN_KEYS = frozenset({"id", "image", "image3d", "conversations", "answer", "question_type"})
 
@@ -49,9 +44,9 @@ class Source:
 
     file: str
     index: int
-    line: Optional[int] = None
+    line: int | None = None
 
-    def describe(self, record_id: Optional[str] = None) -> str:
+    def describe(self, record_id: str | None = None) -> str:
         where = f"{self.file}: record {self.index}"
         if self.line is not None:
             where += f" (line {self.line})"
@@ -68,7 +63,7 @@ class Issue:
     message: str
 
 
-def record_error(source: Source, record_id: Optional[str], issues: list[Issue], hint: Optional[str] = None) -> DataError:
+def record_error(source: Source, record_id: str | None, issues: list[Issue], hint: str | None = None) -> DataError:
     """A DataError naming file, index, line and id, listing `issues`."""
     lines = "; ".join(i.message for i in issues)
     return DataError(
@@ -87,7 +82,7 @@ class Turn(NamedTuple):
     @property
     def role(self) -> str:
         """The chat role: user | assistant | system."""
-        return ROLES[self.speaker]
+        return SPEAKER_ROLES[self.speaker]
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,8 +93,8 @@ class Record:
     conversations: tuple[Turn, ...]
     images: tuple[str, ...] = ()
     volumes: tuple[str, ...] = ()
-    answer: Optional[str] = None
-    question_type: Optional[str] = None
+    answer: str | None = None
+    question_type: str | None = None
     extra: dict = field(default_factory=dict)
     source: Source = Source("<memory>", 0)
 
@@ -112,7 +107,7 @@ class Record:
         return self.source.index
 
     @property
-    def line(self) -> Optional[int]:
+    def line(self) -> int | None:
         return self.source.line
 
     def messages(self) -> list[dict[str, str]]:
@@ -124,21 +119,6 @@ class Record:
         """True for an inference prompt (the last turn is the human's)."""
         return bool(self.conversations) and self.conversations[-1].role == "user"
 
-    def to_json(self) -> dict[str, Any]:
-        """The record in file form (MedM-VL keys), extra keys kept."""
-        out: dict[str, Any] = {"id": self.id}
-        if self.images:
-            out["image"] = list(self.images)
-        if self.volumes:
-            out["image3d"] = list(self.volumes)
-        out["conversations"] = [{"from": t.speaker, "value": t.value} for t in self.conversations]
-        if self.answer is not None:
-            out["answer"] = self.answer
-        if self.question_type is not None:
-            out["question_type"] = self.question_type
-        out.update(self.extra)
-        return out
-
 
 @dataclass(frozen=True, slots=True)
 class RawRecord:
@@ -146,10 +126,10 @@ class RawRecord:
 
     data: Any
     source: Source
-    error: Optional[str] = None
+    error: str | None = None
 
     @property
-    def id(self) -> Optional[str]:
+    def id(self) -> str | None:
         """The record's id if it has a usable one (for messages), else None."""
         if isinstance(self.data, dict):
             value = self.data.get("id")
@@ -243,8 +223,8 @@ class AnnotationFile:
                 hint="give the path of a .json or .jsonl annotation file",
             )
         self.format: FileFormat = detect_format(self.path)
-        self._offsets: Optional[list[tuple[int, int, int]]] = None  # (start, end, line)
-        self._text: Optional[str] = None  # JSON lists only
+        self._offsets: list[tuple[int, int, int]] | None = None  # (start, end, line)
+        self._text: str | None = None  # JSON lists only
 
     # -- iteration ------------------------------------------------------------------------------
     def __iter__(self) -> Iterator[RawRecord]:
@@ -372,7 +352,7 @@ def _short(value: Any, limit: int = 60) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def _scalar_text(data: dict, key: str, issues: list[Issue]) -> Optional[str]:
+def _scalar_text(data: dict, key: str, issues: list[Issue]) -> str | None:
     value = data.get(key)
     if value is None or isinstance(value, str):
         return value
@@ -397,7 +377,7 @@ def _turns(data: dict, issues: list[Issue]) -> tuple[Turn, ...]:
     for i, turn in enumerate(convs):
         if type(turn) is dict:  # the common case, checked cheaply: 100k-record files are usual
             speaker, value = turn.get("from"), turn.get("value")
-            if type(value) is str and speaker in ROLES:
+            if type(value) is str and speaker in SPEAKER_ROLES:
                 turns.append(Turn(speaker, value))
                 continue
         if not isinstance(turn, dict):
@@ -408,7 +388,7 @@ def _turns(data: dict, issues: list[Issue]) -> tuple[Turn, ...]:
         if not isinstance(speaker, str):
             issues.append(Issue("schema", f"turn {i}: `from` must be a string (got {_short(speaker)})"))
             bad = True
-        elif speaker not in ROLES:
+        elif speaker not in SPEAKER_ROLES:
             issues.append(Issue("role", f"turn {i}: unknown role {speaker!r}; use human/user, gpt/assistant or system"))
             bad = True
         if not isinstance(value, str):
@@ -419,7 +399,7 @@ def _turns(data: dict, issues: list[Issue]) -> tuple[Turn, ...]:
     return tuple(turns)
 
 
-def schema_problems(raw: RawRecord) -> tuple[Optional[Record], list[Issue]]:
+def schema_problems(raw: RawRecord) -> tuple[Record | None, list[Issue]]:
     """Build the `Record` and list structural problems (types, missing keys, unknown roles).
 
     The record is None when it cannot be built at all (not JSON, not an object, no usable turns).
@@ -459,24 +439,23 @@ def conversation_problems(record: Record, *, require_answer: bool = True) -> lis
     """
     issues: list[Issue] = []
     turns = record.conversations
-    expected, answered = "user", False
+    answered = False
+    out_of_order = dict(turn_order([SPEAKER_ROLES[t.speaker] for t in turns]))
     for i, turn in enumerate(turns):
-        role = ROLES[turn.speaker]
+        role = SPEAKER_ROLES[turn.speaker]
         answered = answered or role == "assistant"
-        if role == "system":
-            if i != 0:
-                issues.append(Issue("alternation", f"turn {i}: a system turn may only come first"))
-            continue
-        if role != expected:
-            who = "human" if expected == "user" else "gpt"
+        if out_of_order.get(i) == SYSTEM_FIRST:
+            issues.append(Issue("alternation", f"turn {i}: a system turn may only come first"))
+        elif i in out_of_order:
+            who = "human" if out_of_order[i] == "user" else "gpt"
             issues.append(Issue("alternation", f"turn {i}: expected a {who} turn, got {turn.speaker!r} (turns must alternate, human first)"))
-            expected = role  # resynchronise so one slip is reported once
+        if role == "system":
+            continue
         if not turn.value.strip():
             kind = "empty_answer" if role == "assistant" else "empty_turn"
             issues.append(Issue(kind, f"turn {i} ({turn.speaker}) is empty"))
         if role == "assistant" and (IMAGE_PLACEHOLDER in turn.value or VOLUME_PLACEHOLDER in turn.value):
             issues.append(Issue("placeholder", f"turn {i} ({turn.speaker}) holds an image placeholder; only human turns may"))
-        expected = "assistant" if role == "user" else "user"
     if require_answer and not answered:
         issues.append(Issue("unanswered", "no gpt turn: a training record needs the answer"))
     elif require_answer and turns and turns[-1].role == "user":
@@ -492,7 +471,7 @@ def conversation_problems(record: Record, *, require_answer: bool = True) -> lis
     return issues
 
 
-def parse_record(raw: RawRecord, *, require_answer: Optional[bool] = None) -> Record:
+def parse_record(raw: RawRecord, *, require_answer: bool | None = None) -> Record:
     """A checked `Record`, or DataError (file, index, line, id and every problem).
 
     `require_answer`: None checks structure and placeholders only; True also requires the record
@@ -510,7 +489,7 @@ def parse_record(raw: RawRecord, *, require_answer: Optional[bool] = None) -> Re
     return record
 
 
-def read_records(path: Path | str, *, require_answer: Optional[bool] = None) -> list[Record]:
+def read_records(path: Path | str, *, require_answer: bool | None = None) -> list[Record]:
     """Every record of an annotation file, checked; raises DataError on the first bad one."""
     file = AnnotationFile(path)
     return [parse_record(raw, require_answer=require_answer) for raw in file]
@@ -520,7 +499,7 @@ def read_records(path: Path | str, *, require_answer: Optional[bool] = None) -> 
 PathProblem = Literal["absolute_path", "escapes_root"]
 
 
-def path_problem(path: str, root: Optional[Union[str, Path]] = None) -> Optional[tuple[PathProblem, str]]:
+def path_problem(path: str, root: str | Path | None = None) -> tuple[PathProblem, str] | None:
     """Why a path breaks `--strict-paths`, or None: absolute, climbing out of its root with `..`,
     or (given `root`) leading out of it through a symlink, which is resolved without being opened."""
     if os.path.isabs(path) or path.startswith("~"):
@@ -536,7 +515,7 @@ def path_problem(path: str, root: Optional[Union[str, Path]] = None) -> Optional
 
 
 def resolve_media_path(
-    path: str, root: Optional[Union[str, Path]], *, strict: bool = False, where: Optional[str] = None
+    path: str, root: str | Path | None, *, strict: bool = False, where: str | None = None
 ) -> Path:
     """The file a record's path names: relative paths against `root`, absolute ones as they are.
 
@@ -556,6 +535,6 @@ def resolve_media_path(
     return Path(root) / expanded
 
 
-def default_root(annotations: Path | str, root: Optional[Union[str, Path]]) -> Path:
+def default_root(annotations: Path | str, root: str | Path | None) -> Path:
     """The root given, else the folder of the annotation file."""
     return Path(root) if root is not None else Path(annotations).resolve().parent

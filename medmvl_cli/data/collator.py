@@ -7,15 +7,13 @@ which is the order the model's masked scatter fills them in.
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 
+from medmvl_cli.constants import IGNORE_INDEX
 from medmvl_cli.data.dataset import SKIPPED
-from medmvl_cli.data.encoding import IGNORE_INDEX
 
 
-def _cat(tensors: list[Optional[torch.Tensor]]) -> Optional[torch.Tensor]:
+def _cat(tensors: list[torch.Tensor | None]) -> torch.Tensor | None:
     present = [t for t in tensors if t is not None]
     return torch.cat(present) if present else None
 

@@ -11,16 +11,15 @@ line would take gigabytes.
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Iterable, Optional
 
-from medmvl_cli.data.annotations import IMAGE_PLACEHOLDER, VOLUME_PLACEHOLDER, Record
+from medmvl_cli.constants import IGNORE_INDEX, IMAGE_PLACEHOLDER, VOLUME_PLACEHOLDER
+from medmvl_cli.data.annotations import Record
 from medmvl_cli.data.limits import overlong_reason, overlong_turn
 from medmvl_cli.data.templates import ChatTemplate, Encoded
 
 logger = logging.getLogger(__name__)
-
-IGNORE_INDEX = -100
 
 
 @dataclass
@@ -60,7 +59,7 @@ class EncodingReport:
 
 def fit_to_length(
     encoded: Encoded, max_length: int, placeholder_ids: Iterable[int], truncate_answers: bool
-) -> tuple[Optional[Encoded], Optional[str]]:
+) -> tuple[Encoded | None, str | None]:
     """The one truncation point. Returns (encoded, None) or (None, why it was dropped)."""
     ids, labels = encoded.input_ids, encoded.labels
     if not any(label != IGNORE_INDEX for label in labels):
@@ -77,6 +76,48 @@ def fit_to_length(
     return Encoded(input_ids=ids[:max_length], labels=labels[:max_length]), None
 
 
+@dataclass
+class TextEncoding:
+    """One conversation as token ids, after the one truncation rule.
+
+    ``length``: the tokens before truncation (None: a turn too long to tokenise at all, ``detail``
+    says which); ``dropped``: why the rule refuses the sample (None: kept, perhaps with its answer
+    tail cut)."""
+
+    input_ids: list[int]
+    labels: list[int]
+    length: int | None
+    dropped: str | None = None
+    detail: str | None = None
+
+    @property
+    def truncated(self) -> bool:
+        return self.dropped is None and self.length is not None and len(self.input_ids) < self.length
+
+
+def encode_conversation(
+    messages: list[dict], tokenizer, template: ChatTemplate, placeholder_lengths: dict[str, int], max_length: int,
+    *, add_generation_prompt: bool = False, truncate_answers: bool = False,
+) -> TextEncoding:
+    """The chat template, each placeholder expanded to its token count, then the one truncation
+    rule; a prompt for generation only has its length checked. A turn too long to tokenise is
+    refused before the tokenizer sees it."""
+    texts = (m.get("content") for m in messages)
+    overlong = overlong_turn((t for t in texts if isinstance(t, str)), max_length)
+    if overlong is not None:
+        return TextEncoding([], [], None, overlong_reason(max_length), overlong)
+    encoded = template.encode(tokenizer, messages, placeholder_lengths, add_generation_prompt=add_generation_prompt)
+    length = len(encoded.input_ids)
+    if add_generation_prompt:
+        too_long = f"prompt longer than model.llm.max_length ({max_length} tokens)" if length > max_length else None
+        return TextEncoding(encoded.input_ids, encoded.labels, length, too_long)
+    placeholder_ids = [tokenizer.convert_tokens_to_ids(p) for p in (IMAGE_PLACEHOLDER, VOLUME_PLACEHOLDER)]
+    fitted, reason = fit_to_length(encoded, max_length, placeholder_ids, truncate_answers)
+    if fitted is None:
+        return TextEncoding(encoded.input_ids, encoded.labels, length, reason)
+    return TextEncoding(fitted.input_ids, fitted.labels, length)
+
+
 def encode_records(
     records: Iterable[Record],
     tokenizer,
@@ -90,24 +131,28 @@ def encode_records(
 
     `complete_with_answer`: a record ending on the human turn gets its `answer` as the reply
     (evaluation files are inference files with references)."""
-    placeholder_ids = [tokenizer.convert_tokens_to_ids(p) for p in (IMAGE_PLACEHOLDER, VOLUME_PLACEHOLDER)]
     report = EncodingReport()
     out: list[EncodedRecord] = []
     for record in records:
-        messages = record.messages()
-        if complete_with_answer and record.ends_on_user and record.answer:
-            messages.append({"role": "assistant", "content": record.answer})
-        if overlong_turn((m["content"] for m in messages), max_length) is not None:
-            report.drop(overlong_reason(max_length), record.id)
+        messages = training_messages(record, complete_with_answer)
+        encoding = encode_conversation(messages, tokenizer, template, placeholder_lengths, max_length,
+                                       truncate_answers=truncate_answers)
+        if encoding.length is not None:
+            report.lengths.append(encoding.length)
+        if encoding.dropped is not None:
+            report.drop(encoding.dropped, record.id)
             continue
-        encoded = template.encode(tokenizer, messages, placeholder_lengths)
-        report.lengths.append(len(encoded.input_ids))
-        fitted, reason = fit_to_length(encoded, max_length, placeholder_ids, truncate_answers)
-        if fitted is None:
-            report.drop(reason, record.id)
-            continue
-        if len(fitted.input_ids) < len(encoded.input_ids):
+        if encoding.truncated:
             report.truncated.append(record.id)
         report.kept += 1
-        out.append(EncodedRecord(record, fitted.input_ids, fitted.labels))
+        out.append(EncodedRecord(record, encoding.input_ids, encoding.labels))
     return out, report
+
+
+def training_messages(record: Record, complete_with_answer: bool = False) -> list[dict]:
+    """A record's messages; with `complete_with_answer`, one ending on the human turn gets its
+    `answer` as the reply."""
+    messages = record.messages()
+    if complete_with_answer and record.ends_on_user and record.answer:
+        messages.append({"role": "assistant", "content": record.answer})
+    return messages

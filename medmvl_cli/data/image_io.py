@@ -18,15 +18,13 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from medmvl_cli.data.file_kinds import DICOM_SUFFIXES, IMAGE_SUFFIXES, VOLUME_SUFFIXES, is_dicom
 from medmvl_cli.data.limits import DEFAULT_MAX_PIXELS, check_dicom_pixels, open_image
 from medmvl_cli.errors import DataError
 
 logger = logging.getLogger(__name__)
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".dcm", ".dicom")
-_DICOM_SUFFIXES = (".dcm", ".dicom")
 # volume_io.VOLUME_SUFFIXES, repeated so that reading 2D images never imports torch / MONAI.
-_VOLUME_SUFFIXES = (".npy", ".nii", ".nii.gz", ".nrrd", ".mha", ".mhd")
 _VOLUME_HINT = "List volumes under `image3d` (and `<image3d>` in the conversation), not `image`."
 
 Window = tuple[float, float]
@@ -53,23 +51,14 @@ def read_image(source: str | Path | np.ndarray | Image.Image, window: Window | N
     if not path.is_file():
         raise DataError(f"{path}: no such image file.",
                         hint="Check `image_root` and the `image` paths of the annotation file.")
-    if path.name.lower().endswith(_VOLUME_SUFFIXES):
+    if path.name.lower().endswith(VOLUME_SUFFIXES):
         raise DataError(f"{path}: is a 3D volume format, not a 2D image.", hint=_VOLUME_HINT)
-    if path.suffix.lower() in _DICOM_SUFFIXES or (path.suffix.lower() not in IMAGE_SUFFIXES and _is_dicom(path)):
+    if path.suffix.lower() in DICOM_SUFFIXES or (path.suffix.lower() not in IMAGE_SUFFIXES and is_dicom(path)):
         return _read_dicom(path, window, max_pixels)
     return _read_pil(path, window, max_pixels)
 
 
 load_image = read_image  # the same function under the name HF's image utilities use
-
-
-def _is_dicom(path: Path) -> bool:
-    from pydicom.misc import is_dicom
-
-    try:
-        return is_dicom(path)
-    except OSError:
-        return False
 
 
 def _read_pil(path: Path, window: Window | None, max_pixels: int) -> Image.Image:

@@ -22,9 +22,9 @@ import math
 import re
 import struct
 import warnings
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Optional
 
 from medmvl_cli.config.limits import DEFAULT_MAX_PIXELS, DEFAULT_MAX_VOXELS  # noqa: F401 (the readers' defaults)
 from medmvl_cli.errors import DataError
@@ -42,13 +42,13 @@ class TooLargeError(DataError):
     kind = "too_large"
 
 
-def check_voxels(path: str | Path, voxels: int, max_voxels: int, shape: Optional[tuple] = None) -> None:
+def check_voxels(path: str | Path, voxels: int, max_voxels: int, shape: tuple | None = None) -> None:
     """Raise ``TooLargeError`` when a volume declares more than ``max_voxels`` voxels."""
     declared = f"shape {tuple(int(s) for s in shape)}, " if shape is not None else ""
     _refuse_above(path, f"the header declares {declared}{voxels:,} voxels", voxels, max_voxels, VOXELS_HINT)
 
 
-def check_pixels(path: str | Path, pixels: int, max_pixels: int, size: Optional[tuple] = None) -> None:
+def check_pixels(path: str | Path, pixels: int, max_pixels: int, size: tuple | None = None) -> None:
     """Raise ``TooLargeError`` when a 2D image declares more than ``max_pixels`` pixels."""
     declared = f"{size[0]} x {size[1]}, " if size is not None else ""
     _refuse_above(path, f"the image declares {declared}{pixels:,} pixels", pixels, max_pixels, PIXELS_HINT)
@@ -230,7 +230,7 @@ def turn_char_limit(max_length: int) -> int:
     return int(max_length) * CHARS_PER_TOKEN_BOUND
 
 
-def overlong_turn(texts: Iterable[str], max_length: int) -> Optional[str]:
+def overlong_turn(texts: Iterable[str], max_length: int) -> str | None:
     """Which of ``texts`` is too long to tokenise for ``max_length`` tokens, and by how much; or None."""
     limit = turn_char_limit(max_length)
     for index, text in enumerate(texts):

@@ -9,7 +9,7 @@ is what lets a resumed run see the same data order as an uninterrupted one.
 
 from __future__ import annotations
 
-from typing import Iterator, Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 

@@ -24,12 +24,14 @@ import json
 import logging
 import shutil
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, Sequence, Union
+from typing import Literal
 
 import numpy as np
 
+from medmvl_cli.constants import IMAGE_PLACEHOLDER, VOLUME_PLACEHOLDER
 from medmvl_cli.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -86,7 +88,7 @@ class Case:
 
 
 # ------------------------------------------------------------------------------------------ cases
-def _lesions(rng: np.random.Generator, slots: Sequence[tuple[str, str]], large: Union[bool, None]) -> tuple[Lesion, ...]:
+def _lesions(rng: np.random.Generator, slots: Sequence[tuple[str, str]], large: bool | None) -> tuple[Lesion, ...]:
     out = []
     for side, zone in slots:
         big = bool(rng.random() < 0.5) if large is None else large
@@ -126,7 +128,8 @@ def report_text(dim: str, lesions: Sequence[Lesion]) -> str:
     if not lesions:
         return "No lesion. Both lungs are clear."
     where = "{size} one in the {side} {zone} zone" if dim == "2d" else "{size} one in the {zone} {side} lung"
-    parts = [where.format(size="a large" if l.large else "a small", side=l.side, zone=l.zone) for l in lesions]
+    parts = [where.format(size="a large" if lesion.large else "a small", side=lesion.side, zone=lesion.zone)
+             for lesion in lesions]
     listing = parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
     noun = "lesion" if len(lesions) == 1 else "lesions"
     return f"{NUMBER_WORDS[len(lesions)]} {noun}: {listing}."
@@ -143,7 +146,7 @@ def plan_cases(dim: str, split: str, count: int, tasks: Sequence[str], seed: int
     return cases
 
 
-def _rng(seed: int, *keys: Union[str, int]) -> np.random.Generator:
+def _rng(seed: int, *keys: str | int) -> np.random.Generator:
     words = [seed] + [k if isinstance(k, int) else int.from_bytes(k.encode(), "little") % (1 << 32) for k in keys]
     return np.random.default_rng(np.random.SeedSequence(words))
 
@@ -261,7 +264,7 @@ def png_bytes(film: np.ndarray) -> bytes:
 def make_record(case: Case, media_path: str, train: bool) -> dict:
     """A MedM-VL record: train ends on the gpt answer, test on the human question."""
     question, qtype, _ = QUESTIONS[(case.dim, case.task)]
-    placeholder = "<image>" if case.dim == "2d" else "<image3d>"
+    placeholder = IMAGE_PLACEHOLDER if case.dim == "2d" else VOLUME_PLACEHOLDER
     conversations = [{"from": "human", "value": f"{placeholder}\n{question}"}]
     if train:
         conversations.append({"from": "gpt", "value": case.answer})
@@ -270,7 +273,7 @@ def make_record(case: Case, media_path: str, train: bool) -> dict:
             "answer": case.answer, "question_type": qtype, "task": case.task}
 
 
-def resolve_questions(dim: str, questions: Union[str, Sequence[str]]) -> tuple[str, ...]:
+def resolve_questions(dim: str, questions: str | Sequence[str]) -> tuple[str, ...]:
     """`all`, `easy`, or a list of question kinds (those that do not apply to `dim` are skipped)."""
     if isinstance(questions, str):
         questions = [q.strip() for q in questions.split(",") if q.strip()]
@@ -305,14 +308,14 @@ SYNTH_MARKER = "medmvl-synth.json"
 
 
 def synthesize(
-    out_dir: Union[str, Path],
+    out_dir: str | Path,
     *,
     kind: Kind = "both",
     n: int = 200,
     seed: int = 0,
     image_size: int = 64,
     volume_size: tuple[int, int, int] = (32, 64, 64),
-    questions: Union[str, Sequence[str]] = "all",
+    questions: str | Sequence[str] = "all",
     test_fraction: float = 0.2,
     overwrite: bool = False,
 ) -> SynthResult:

@@ -17,31 +17,26 @@ See docs/templates.md.
 
 from __future__ import annotations
 
-from abc import ABC, abstractmethod
-
 import logging
 import re
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Literal, Optional
+from typing import Literal
 
+from medmvl_cli.constants import IGNORE_INDEX, IMAGE_PLACEHOLDER, PLACEHOLDERS, VOLUME_PLACEHOLDER
+from medmvl_cli.data.turns import CHAT_ROLES, SYSTEM_FIRST, turn_order
 from medmvl_cli.errors import DataError, ModelError
 
 logger = logging.getLogger(__name__)
 
-IGNORE_INDEX = -100
-IMAGE_TOKEN = "<image>"
-IMAGE3D_TOKEN = "<image3d>"
-PLACEHOLDERS: tuple[str, ...] = (IMAGE_TOKEN, IMAGE3D_TOKEN)
 # Typed content parts (HF processors' convention) and the placeholder each media part stands for.
-PART_PLACEHOLDERS = {"image": IMAGE_TOKEN, "volume": IMAGE3D_TOKEN}
+PART_PLACEHOLDERS = {"image": IMAGE_PLACEHOLDER, "volume": VOLUME_PLACEHOLDER}
 _PARTS_HINT = ('content is a string, or a list of parts: {"type": "text", "text": "..."}, {"type": "image"} '
                '(a 2D image, rendered as <image>), {"type": "volume"} (a 3D volume, rendered as <image3d>); '
                'media parts may carry "url" / "path" / "image" keys, which the template ignores')
 # Longest first, so "<image3d>" is never read as "<image>" followed by text.
 _PLACEHOLDER_RE = re.compile("(" + "|".join(re.escape(p) for p in sorted(PLACEHOLDERS, key=len, reverse=True)) + ")")
 
-ROLES = ("system", "user", "assistant")
-ROLE_ALIASES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 
 QWEN2_DEFAULT_SYSTEM = "You are a helpful assistant."
 # MedM-VL's (Vicuna's) system prompt, lvlm/dataset/template/*_template.py.
@@ -65,36 +60,6 @@ class Encoded:
 
 
 # --------------------------------------------------------------------------- conversations
-
-
-def normalize_conversation(conversations: list[dict], record_id: Optional[str] = None) -> list[dict]:
-    """MedM-VL / LLaVA turns ``{"from", "value"}`` -> messages ``{"role", "content"}``.
-
-    Roles: human / user -> user, gpt / assistant -> assistant, system (first turn only).
-    ``{"role", "content"}`` turns are accepted as they are. Raises DataError, naming the record and
-    the turn, on an unknown role, a missing text, or turns that do not alternate.
-    """
-    where = f"record {record_id!r}" if record_id is not None else "conversation"
-    if not isinstance(conversations, list) or not conversations:
-        raise DataError(f"{where}: 'conversations' must be a non-empty list of turns", hint=_ROLE_HINT)
-    messages = []
-    for i, turn in enumerate(conversations):
-        if not isinstance(turn, dict):
-            raise DataError(f"{where}: turn {i} is {type(turn).__name__}, not an object", hint=_ROLE_HINT)
-        role_key, text_key = ("from", "value") if "from" in turn else ("role", "content")
-        raw_role = turn.get(role_key)
-        role = ROLE_ALIASES.get(raw_role.lower()) if isinstance(raw_role, str) else None
-        if role is None:
-            raise DataError(
-                f"{where}: turn {i} has role {raw_role!r}",
-                hint=f"known roles: {', '.join(ROLE_ALIASES)}; {_ROLE_HINT}",
-            )
-        text = turn.get(text_key)
-        if not isinstance(text, str):
-            raise DataError(f"{where}: turn {i} ({raw_role}) has no text in {text_key!r}", hint=_ROLE_HINT)
-        messages.append({"role": role, "content": text})
-    _check_order([m["role"] for m in messages], where)
-    return messages
 
 
 def content_text(content, where: str = "message") -> str:
@@ -136,22 +101,18 @@ def count_placeholders(messages: list[dict]) -> dict[str, int]:
 def _check_order(roles: list[str], where: str) -> None:
     if not roles:
         raise DataError(f"{where}: the conversation is empty", hint=_ROLE_HINT)
+    out_of_order = turn_order(roles)
     for i, role in enumerate(roles):
-        if role not in ROLES:
-            raise DataError(f"{where}: turn {i} has role {role!r}; roles are {', '.join(ROLES)}", hint=_ROLE_HINT)
-        if role == "system" and i != 0:
+        if role not in CHAT_ROLES:
+            raise DataError(f"{where}: turn {i} has role {role!r}; roles are {', '.join(CHAT_ROLES)}", hint=_ROLE_HINT)
+        if (i, SYSTEM_FIRST) in out_of_order:
             raise DataError(f"{where}: turn {i} is a system turn; only the first turn may be one", hint=_ROLE_HINT)
-    start = 1 if roles[0] == "system" else 0
-    if start == len(roles):
+    if roles == ["system"]:
         raise DataError(f"{where}: the conversation has a system turn and nothing else", hint=_ROLE_HINT)
-    for i in range(start, len(roles)):
-        expected = "user" if (i - start) % 2 == 0 else "assistant"
-        if roles[i] != expected:
-            said = "human" if expected == "user" else "gpt"
-            raise DataError(
-                f"{where}: turn {i} is a {roles[i]} turn where a {said} turn was expected",
-                hint=_ROLE_HINT,
-            )
+    if out_of_order:
+        i, expected = out_of_order[0]
+        said = "human" if expected == "user" else "gpt"
+        raise DataError(f"{where}: turn {i} is a {roles[i]} turn where a {said} turn was expected", hint=_ROLE_HINT)
 
 
 def _text_messages(messages: list[dict], add_generation_prompt: bool) -> list[dict]:
@@ -226,7 +187,7 @@ def _placeholder_ids(tokenizer, chunk: str, placeholder_lengths: dict[str, int])
     if chunk not in placeholder_lengths:
         raise DataError(
             f"the conversation uses {chunk} but the model has no {chunk} input",
-            hint=f"use a model with a {'3D' if chunk == IMAGE3D_TOKEN else '2D'} branch, or remove {chunk} from the record",
+            hint=f"use a model with a {'3D' if chunk == VOLUME_PLACEHOLDER else '2D'} branch, or remove {chunk} from the record",
         )
     n = placeholder_lengths[chunk]
     if not isinstance(n, int) or n < 1:
@@ -347,8 +308,8 @@ class FormatTemplate(ChatTemplate):
     """A template made of per-role format strings (``{content}`` marks the turn's text)."""
 
     def __init__(self, name: str, description: str, *, system: str, user: str, assistant_prefix: str,
-                 answer: str, assistant_suffix: str = "", generation_prefix: Optional[str] = None,
-                 conversation_end: str = "", default_system: Optional[str] = None, trim: bool = False,
+                 answer: str, assistant_suffix: str = "", generation_prefix: str | None = None,
+                 conversation_end: str = "", default_system: str | None = None, trim: bool = False,
                  bos: BosRule = "never", prompt_after_last_user: bool = False,
                  required_tokens: tuple[str, ...] = (), stop_tokens: tuple[str, ...] = (), jinja: str = ""):
         self.name, self.description = name, description
@@ -613,11 +574,6 @@ _ALL: tuple[ChatTemplate, ...] = (
 )
 
 TEMPLATES: dict[str, ChatTemplate] = {t.name: t for t in _ALL}
-NATIVE_TEMPLATES: tuple[str, ...] = ("qwen2", "llama3", "phi", "phi3")
-
-
-def template_names() -> tuple[str, ...]:
-    return tuple(TEMPLATES)
 
 
 def get_template(name: str) -> ChatTemplate:

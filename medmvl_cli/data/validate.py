@@ -15,16 +15,15 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Literal, Optional, Union
+from typing import Any, Literal
 
 import numpy as np
 
 from medmvl_cli.data.annotations import (
-    IMAGE_PLACEHOLDER,
-    VOLUME_PLACEHOLDER,
     AnnotationFile,
     Issue,
     Record,
@@ -34,6 +33,7 @@ from medmvl_cli.data.annotations import (
     resolve_media_path,
     schema_problems,
 )
+from medmvl_cli.data.file_kinds import IMAGE_SUFFIXES, VOLUME_SUFFIXES, is_dicom
 from medmvl_cli.data.limits import (
     DEFAULT_MAX_PIXELS,
     DEFAULT_MAX_VOXELS,
@@ -45,7 +45,7 @@ from medmvl_cli.data.limits import (
     overlong_turn,
     volume_header,
 )
-from medmvl_cli.errors import DataError, MedmvlError, ModelError
+from medmvl_cli.errors import DataError, MedmvlError
 
 log = logging.getLogger(__name__)
 
@@ -70,8 +70,6 @@ PROBLEM_KINDS: dict[str, str] = {
     "too_long": "a turn too long to tokenise for model.llm.max_length (characters, checked before tokenising)",
     "template": "a record the recipe's chat template cannot encode",
 }
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".dcm", ".dicom")
-VOLUME_SUFFIXES = (".npy", ".nii", ".nii.gz", ".nrrd", ".mha", ".mhd")
 _CHUNK = 1 << 24  # elements per finiteness check, so huge float volumes stream through memory
 _AS_IMAGE = "a volume given as an image (list it under `image3d`)"
 _AS_VOLUME = "a 2-D image given as a volume (list it under `image`)"
@@ -82,9 +80,9 @@ _AS_VOLUME = "a 2-D image given as a volume (list it under `image`)"
 class RecordProblems:
     """Every problem of one record, with where it is."""
 
-    id: Optional[str]
+    id: str | None
     index: int
-    line: Optional[int]
+    line: int | None
     problems: list[Issue] = field(default_factory=list)
 
 
@@ -115,7 +113,7 @@ class ValidationReport:
     totals: dict[str, int]
     files_checked: int
     notes: list[str] = field(default_factory=list)
-    lengths: Optional[LengthStats] = None
+    lengths: LengthStats | None = None
 
     @property
     def ok(self) -> bool:
@@ -146,18 +144,7 @@ def _suffix(path: Path) -> str:
     return ".nii.gz" if name.endswith(".nii.gz") else path.suffix.lower()
 
 
-def _is_dicom(path: Path) -> bool:
-    if _suffix(path) in (".dcm", ".dicom"):
-        return True
-    try:
-        with open(path, "rb") as fh:
-            fh.seek(128)
-            return fh.read(4) == b"DICM"
-    except OSError:
-        return False
-
-
-def _nonfinite_issue(values: np.ndarray) -> Optional[Issue]:
+def _nonfinite_issue(values: np.ndarray) -> Issue | None:
     """Counts NaN / Inf in float data, chunk by chunk (works on memory maps)."""
     if values.dtype.kind not in "fc":
         return None
@@ -174,7 +161,7 @@ def _nonfinite_issue(values: np.ndarray) -> Optional[Issue]:
     return None
 
 
-def _shape_issue(shape: tuple[int, ...], fmt: str) -> Optional[str]:
+def _shape_issue(shape: tuple[int, ...], fmt: str) -> str | None:
     """What the volume reader would reject about a shape (mirrors volume_io's rules)."""
     shape = tuple(int(s) for s in shape)
     dims = list(shape)
@@ -204,7 +191,7 @@ def _raw_values(path: Path, fmt: str) -> np.ndarray:
     return sitk.GetArrayViewFromImage(sitk.ReadImage(str(path)))
 
 
-def _dicom_folder_issue(path: Path) -> Optional[Issue]:
+def _dicom_folder_issue(path: Path) -> Issue | None:
     import SimpleITK as sitk
 
     series = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(path))
@@ -244,7 +231,7 @@ def check_volume_file(path: Path, *, full_decode: bool = False, max_voxels: int 
                 issue = _nonfinite_issue(_raw_values(path, header.fmt))
                 if issue is not None:
                     return [Issue("nonfinite", f"{path}: {issue.message}")]
-        elif _is_dicom(path):
+        elif is_dicom(path):
             frames = _dicom_frames(path)
             if frames > 1:
                 return [Issue("unreadable", f"{path} is a multi-frame DICOM file ({frames} frames); convert it to NIfTI")]
@@ -298,7 +285,7 @@ def check_image_file(path: Path, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> lis
             if len([d for d in shape if d > 1]) >= 3:
                 return [Issue("dimensionality", f"{path} holds an array of shape {shape}: {_AS_IMAGE}")]
             return [Issue("unreadable", f"{path}: {suffix} is not an image format (use PNG, JPEG, BMP, TIFF or DICOM)")]
-        if _is_dicom(path):
+        if is_dicom(path):
             import pydicom
 
             ds = pydicom.dcmread(str(path))
@@ -306,7 +293,7 @@ def check_image_file(path: Path, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> lis
             if frames > 1:
                 return [Issue("dimensionality", f"{path} is a multi-frame DICOM ({frames} frames): {_AS_IMAGE}")]
             check_dicom_pixels(path, ds, max_pixels)
-            ds.pixel_array
+            ds.pixel_array  # noqa: B018 -- decoding the pixels is the check
             return []
         with open_image(path, max_pixels) as img:
             frames = getattr(img, "n_frames", 1)
@@ -323,81 +310,32 @@ def check_image_file(path: Path, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> lis
 
 
 # ------------------------------------------------------------------------------- recipe / lengths
-def placeholder_lengths_for(recipe) -> dict[str, int]:
-    """Tokens one placeholder expands to with this recipe's model: {"<image>": n, "<image3d>": m}.
-
-    Derived from the model itself (each branch's encoder + connector), so the model is built; for
-    a real checkpoint that means loading its weights once."""
-    from medmvl_cli.engine.stages import placeholder_lengths
-    from medmvl_cli.model.builder import build_model
-
-    model, _, _ = build_model(recipe, dtype="float32")
-    return placeholder_lengths(model)
-
-
-def tokenizer_for(recipe):
-    """The recipe LLM's tokenizer (a preset's shipped one, or the one in `model.llm.path`)."""
-    llm = recipe.model.llm
-    try:
-        if llm.preset is not None:
-            from medmvl_cli.config.resolve import PRESET_TEMPLATES
-            from medmvl_cli.model.presets.tokenizer_files import load_preset_tokenizer
-
-            return load_preset_tokenizer(PRESET_TEMPLATES[llm.preset])
-        from transformers import AutoTokenizer
-
-        return AutoTokenizer.from_pretrained(llm.path)
-    except MedmvlError:
-        raise
-    except Exception as err:
-        raise ModelError(f"cannot load the tokenizer of {llm.path or llm.preset}: {err}",
-                         hint="check model.llm.path points at a local HF folder with tokenizer files") from err
-
-
-def roots_from_recipe(recipe, annotations: Path | str) -> tuple[Optional[str], Optional[str]]:
-    """image_root / volume_root of the recipe's data entry for this annotation file, if it has one."""
-    target = Path(annotations).resolve()
-    for spec in list(recipe.data.train) + list(recipe.data.eval):
-        if Path(spec.annotations).resolve() == target:
-            return spec.image_root, spec.volume_root
-    return None, None
-
-
 class _LengthProbe:
-    """Tokenises records with the recipe's template; applies the dataset's one truncation rule."""
+    """Encodes records with the recipe model's processor (its template, token counts and the one
+    truncation rule); the token counts come from the model built on the meta device, no weights."""
 
     def __init__(self, recipe):
-        from medmvl_cli.data.templates import get_template
+        from medmvl_cli.data.processor import MedmvlProcessor
+        from medmvl_cli.model import token_counts
 
-        self.template_name = recipe.model.llm.template or "plain"
-        self.template = get_template(self.template_name)
-        self.max_length = recipe.model.llm.max_length
+        self.processor = MedmvlProcessor.from_recipe(recipe, token_counts.placeholder_lengths_for_recipe(recipe))
         self.truncate_answers = bool(getattr(recipe.data, "truncate_answers", False))
-        self.placeholder_lengths = placeholder_lengths_for(recipe)
-        self.tokenizer = tokenizer_for(recipe)
-        self.placeholder_ids = [self.tokenizer.convert_tokens_to_ids(p) for p in (IMAGE_PLACEHOLDER, VOLUME_PLACEHOLDER)]
         self.lengths: list[int] = []
         self.truncated: list[str] = []
         self.dropped: dict[str, list[str]] = {}
 
-    def measure(self, record: Record) -> Optional[Issue]:
-        from medmvl_cli.data.encoding import fit_to_length
-
+    def measure(self, record: Record) -> Issue | None:
         try:
-            encoded = self.template.encode(
-                self.tokenizer, record.messages(), self.placeholder_lengths, add_generation_prompt=record.ends_on_user
-            )
+            encoding = self.processor.encode(record.messages(), add_generation_prompt=record.ends_on_user,
+                                             truncate_answers=self.truncate_answers)
         except Exception as err:
-            return Issue("template", f"the {self.template_name} template cannot encode it: {getattr(err, 'message', err)}")
-        self.lengths.append(len(encoded.input_ids))
-        if record.ends_on_user:  # an inference prompt: nothing to train, only its length matters
-            reason = f"prompt longer than model.llm.max_length ({self.max_length} tokens)"
-            fitted = None if len(encoded.input_ids) > self.max_length else encoded
-        else:
-            fitted, reason = fit_to_length(encoded, self.max_length, self.placeholder_ids, self.truncate_answers)
-        if fitted is None:
-            self.dropped.setdefault(reason or "dropped", []).append(record.id)
-        elif len(fitted.input_ids) < len(encoded.input_ids):
+            return Issue("template", f"the {self.processor.template_name} template cannot encode it: "
+                                     f"{getattr(err, 'message', err)}")
+        if encoding.length is not None:
+            self.lengths.append(encoding.length)
+        if encoding.dropped is not None:
+            self.dropped.setdefault(encoding.dropped, []).append(record.id)
+        elif encoding.truncated:
             self.truncated.append(record.id)
         return None
 
@@ -406,11 +344,20 @@ class _LengthProbe:
         pct = {f"p{q}": float(np.percentile(lengths, q)) for q in (50, 90, 95, 99)}
         pct.update(mean=float(lengths.mean()), max=float(lengths.max()))
         return LengthStats(
-            self.template_name, self.max_length, dict(self.placeholder_lengths), len(self.lengths), pct,
-            len(self.truncated), self.truncated[:limit],
+            self.processor.template_name, self.processor.max_length, dict(self.processor.tokens), len(self.lengths),
+            pct, len(self.truncated), self.truncated[:limit],
             {reason: len(ids) for reason, ids in self.dropped.items()},
             {reason: ids[:limit] for reason, ids in self.dropped.items()},
         )
+
+
+def roots_from_recipe(recipe, annotations: Path | str) -> tuple[str | None, str | None]:
+    """image_root / volume_root of the recipe's data entry for this annotation file, if it has one."""
+    target = Path(annotations).resolve()
+    for spec in list(recipe.data.train) + list(recipe.data.eval):
+        if Path(spec.annotations).resolve() == target:
+            return spec.image_root, spec.volume_root
+    return None, None
 
 
 # ---------------------------------------------------------------------------------------- driver
@@ -418,7 +365,7 @@ class _Collector:
     def __init__(self):
         self.by_index: dict[int, RecordProblems] = {}
 
-    def add(self, index: int, rid: Optional[str], line: Optional[int], issues: list[Issue]) -> None:
+    def add(self, index: int, rid: str | None, line: int | None, issues: list[Issue]) -> None:
         if not issues:
             return
         entry = self.by_index.get(index)
@@ -430,15 +377,15 @@ class _Collector:
 class _FileChecks:
     """Each image / volume file checked once, in a thread pool, and which records name it."""
 
-    def __init__(self, workers: Optional[int], full_decode: bool, max_voxels: int, max_pixels: int):
+    def __init__(self, workers: int | None, full_decode: bool, max_voxels: int, max_pixels: int):
         self.pool = ThreadPoolExecutor(max_workers=workers or min(8, (os.cpu_count() or 1) + 2))
         self.checks = {"image": (check_image_file, {"max_pixels": max_pixels}),
                        "volume": (check_volume_file, {"full_decode": full_decode, "max_voxels": max_voxels})}
         self.futures: dict[tuple[str, str], Future] = {}
         self.refs: dict[tuple[str, str], list[int]] = {}
-        self.meta: dict[int, tuple[Optional[str], Optional[int]]] = {}
+        self.meta: dict[int, tuple[str | None, int | None]] = {}
 
-    def submit(self, kind: str, path: Path, index: int, rid: Optional[str], line: Optional[int]) -> None:
+    def submit(self, kind: str, path: Path, index: int, rid: str | None, line: int | None) -> None:
         key = (kind, str(path))
         if key not in self.futures:
             check, options = self.checks[kind]
@@ -448,7 +395,7 @@ class _FileChecks:
             users.append(index)
         self.meta[index] = (rid, line)
 
-    def collect(self, found: _Collector, progress: Optional[Callable[[int, int], None]]) -> None:
+    def collect(self, found: _Collector, progress: Callable[[int, int], None] | None) -> None:
         for done, (key, future) in enumerate(self.futures.items(), start=1):
             issues = future.result()
             for index in self.refs[key]:
@@ -467,18 +414,103 @@ def _default_max_length() -> int:
     return LLMConfig.model_fields["max_length"].default
 
 
+class _RecordPass:
+    """The one pass over the records: each record's own problems, ids seen so far, and the
+    training-only ones held until the file's mode is known."""
+
+    def __init__(self, roots: dict[str, Path], strict_paths: bool, max_length: int,
+                 probe: _LengthProbe | None, files: _FileChecks | None):
+        self.roots, self.strict_paths, self.max_length = roots, strict_paths, max_length
+        self.probe, self.files = probe, files
+        self.found = _Collector()
+        self.seen_ids: dict[str, tuple[int, int | None]] = {}
+        self.unanswered: list[tuple[int, str | None, int | None, list[Issue]]] = []
+        self.count = self.parsed = self.ends_on_user = 0
+
+    def check(self, raw) -> None:
+        self.count += 1
+        src = raw.source
+        record, issues = schema_problems(raw)
+        rid = record.id if record is not None else raw.id
+        if record is not None:
+            self.parsed += 1
+            self.ends_on_user += record.ends_on_user
+            issues += self._conversation_issues(record, raw)
+            issues += self._id_issues(rid, src)
+            issues += self._path_issues(record, src, rid)
+            if self.probe is not None and not issues:
+                length_issue = self.probe.measure(record)
+                if length_issue is not None:
+                    issues.append(length_issue)
+        self.found.add(src.index, rid, src.line, issues)
+
+    def _conversation_issues(self, record: Record, raw) -> list[Issue]:
+        # Turns dropped for a bad role or type would make every later check misfire.
+        complete = len(record.conversations) == len(raw.data.get("conversations") or ())
+        conv = conversation_problems(record, require_answer=True) if complete else []
+        late = [i for i in conv if i.kind == "unanswered"]
+        if late:
+            self.unanswered.append((raw.source.index, record.id, raw.source.line, late))
+        issues = [i for i in conv if i.kind != "unanswered"]
+        overlong = overlong_turn((t.value for t in record.conversations), self.max_length)
+        if overlong is not None:
+            issues.append(Issue("too_long", overlong))
+        return issues
+
+    def _id_issues(self, rid: str, src) -> list[Issue]:
+        if rid in self.seen_ids:
+            first, first_line = self.seen_ids[rid]
+            at = f"record {first}" + (f" (line {first_line})" if first_line else "")
+            return [Issue("duplicate_id", f"id {rid!r} is already used by {at}")]
+        self.seen_ids[rid] = (src.index, src.line)
+        return []
+
+    def _path_issues(self, record: Record, src, rid: str) -> list[Issue]:
+        issues = []
+        for kind, paths in (("image", record.images), ("volume", record.volumes)):
+            for written in paths:
+                problem = path_problem(written, self.roots[kind]) if self.strict_paths else None
+                if problem is not None:  # a flagged path is never opened
+                    issues.append(Issue(problem[0], f"{kind} path {problem[1]}"))
+                elif self.files is not None:
+                    self.files.submit(kind, resolve_media_path(written, self.roots[kind]), src.index, rid, src.line)
+        return issues
+
+    def settle_mode(self, mode: Mode) -> str:
+        """train / infer (auto: infer when most records end on a human turn); a training file's
+        records that do not end on the answer become problems."""
+        resolved = mode if mode != "auto" else ("infer" if self.ends_on_user * 2 > self.parsed else "train")
+        if resolved == "train":
+            for index, rid, line, issues in self.unanswered:
+                self.found.add(index, rid, line, issues)
+        return resolved
+
+
+def _root_notes(roots: dict[str, Path], image_root, volume_root) -> list[str]:
+    return [f"{key}_root {root} is not a folder" for key, root in roots.items()
+            if (image_root if key == "image" else volume_root) is not None and not root.is_dir()]
+
+
+def _totals(problems: list[RecordProblems]) -> dict[str, int]:
+    totals: dict[str, int] = {}
+    for entry in problems:
+        for issue in entry.problems:
+            totals[issue.kind] = totals.get(issue.kind, 0) + 1
+    return dict(sorted(totals.items(), key=lambda kv: -kv[1]))
+
+
 def validate_annotations(
-    annotations: Union[str, Path],
-    image_root: Union[str, Path, None] = None,
-    volume_root: Union[str, Path, None] = None,
+    annotations: str | Path,
+    image_root: str | Path | None = None,
+    volume_root: str | Path | None = None,
     *,
     strict_paths: bool = False,
-    workers: Optional[int] = None,
+    workers: int | None = None,
     mode: Mode = "auto",
     check_files: bool = True,
     full_decode: bool = False,
     recipe=None,
-    progress: Optional[Callable[[int, int], None]] = None,
+    progress: Callable[[int, int], None] | None = None,
     max_voxels: int = DEFAULT_MAX_VOXELS,
     max_pixels: int = DEFAULT_MAX_PIXELS,
 ) -> ValidationReport:
@@ -494,73 +526,25 @@ def validate_annotations(
     path = Path(annotations)
     file = AnnotationFile(path)
     roots = {"image": default_root(path, image_root), "volume": default_root(path, volume_root)}
-    notes = [f"{key}_root {root} is not a folder" for key, root in roots.items()
-             if (image_root if key == "image" else volume_root) is not None and not root.is_dir()]
     probe = _LengthProbe(recipe) if recipe is not None else None
     max_length = recipe.model.llm.max_length if recipe is not None else _default_max_length()
-    found = _Collector()
-    seen_ids: dict[str, tuple[int, Optional[int]]] = {}
-    unanswered: list[tuple[int, Optional[str], Optional[int], list[Issue]]] = []
-    ends_on_user = parsed = 0
     files = _FileChecks(workers, full_decode, max_voxels, max_pixels) if check_files else None
-    count = 0
+    records = _RecordPass(roots, strict_paths, max_length, probe, files)
     try:
         for raw in file:
-            count += 1
-            src = raw.source
-            record, issues = schema_problems(raw)
-            rid = record.id if record is not None else raw.id
-            if record is not None:
-                parsed += 1
-                ends_on_user += record.ends_on_user
-                # Turns dropped for a bad role or type would make every later check misfire.
-                complete = len(record.conversations) == len(raw.data.get("conversations") or ())
-                conv = conversation_problems(record, require_answer=True) if complete else []
-                late = [i for i in conv if i.kind == "unanswered"]
-                if late:
-                    unanswered.append((src.index, rid, src.line, late))
-                issues += [i for i in conv if i.kind != "unanswered"]
-                overlong = overlong_turn((t.value for t in record.conversations), max_length)
-                if overlong is not None:
-                    issues.append(Issue("too_long", overlong))
-                if rid in seen_ids:
-                    first, first_line = seen_ids[rid]
-                    at = f"record {first}" + (f" (line {first_line})" if first_line else "")
-                    issues.append(Issue("duplicate_id", f"id {rid!r} is already used by {at}"))
-                else:
-                    seen_ids[rid] = (src.index, src.line)
-                for kind, paths in (("image", record.images), ("volume", record.volumes)):
-                    for written in paths:
-                        problem = path_problem(written, roots[kind]) if strict_paths else None
-                        if problem is not None:  # a flagged path is never opened
-                            issues.append(Issue(problem[0], f"{kind} path {problem[1]}"))
-                        elif files is not None:
-                            files.submit(kind, resolve_media_path(written, roots[kind]), src.index, rid, src.line)
-                if probe is not None and not issues:
-                    length_issue = probe.measure(record)
-                    if length_issue is not None:
-                        issues.append(length_issue)
-            found.add(src.index, rid, src.line, issues)
-        if count == 0:
+            records.check(raw)
+        if records.count == 0:
             raise DataError(f"{path}: holds no records", hint="an annotation file needs at least one record")
-        resolved_mode = mode if mode != "auto" else ("infer" if ends_on_user * 2 > parsed else "train")
-        if resolved_mode == "train":
-            for index, rid, line, issues in unanswered:
-                found.add(index, rid, line, issues)
+        resolved_mode = records.settle_mode(mode)
         if files is not None:
-            files.collect(found, progress)
+            files.collect(records.found, progress)
     finally:
         if files is not None:
             files.close()
-    problems = [found.by_index[i] for i in sorted(found.by_index)]
-    totals: dict[str, int] = {}
-    for entry in problems:
-        for issue in entry.problems:
-            totals[issue.kind] = totals.get(issue.kind, 0) + 1
-    log.debug("validated %d records of %s: %d with problems", count, path, len(problems))
+    problems = [records.found.by_index[i] for i in sorted(records.found.by_index)]
+    log.debug("validated %d records of %s: %d with problems", records.count, path, len(problems))
     return ValidationReport(
-        file=str(path), format=file.format, mode=resolved_mode, records=count, problems=problems,
-        totals=dict(sorted(totals.items(), key=lambda kv: -kv[1])),
-        files_checked=len(files.futures) if files is not None else 0,
-        notes=notes, lengths=probe.stats() if probe is not None else None,
+        file=str(path), format=file.format, mode=resolved_mode, records=records.count, problems=problems,
+        totals=_totals(problems), files_checked=len(files.futures) if files is not None else 0,
+        notes=_root_notes(roots, image_root, volume_root), lengths=probe.stats() if probe is not None else None,
     )

@@ -24,12 +24,12 @@ import numpy as np
 import torch
 from monai.data import ImageReader, MetaTensor, NibabelReader, NumpyReader
 
+from medmvl_cli.data.file_kinds import VOLUME_SUFFIXES
 from medmvl_cli.data.limits import DEFAULT_MAX_VOXELS, checked_volume_header
 from medmvl_cli.errors import DataError
 
 logger = logging.getLogger(__name__)
 
-VOLUME_SUFFIXES = (".npy", ".nii", ".nii.gz", ".nrrd", ".mha", ".mhd")
 _FORMATS_HINT = (
     "3D inputs are .npy (HU, D×H×W), .nii / .nii.gz, .nrrd, .mha / .mhd, or a folder holding "
     "one DICOM series. A single .dcm file is a 2D image: list it under `image`."

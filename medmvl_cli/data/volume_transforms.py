@@ -1,8 +1,8 @@
 """Turn a volume file into the encoder's input: a float32 tensor (1, D, H, W) in [0, 1].
 
-MONAI dictionary transforms, driven by a volume config (any object, or mapping, with ``size``,
-``window``, ``spacing``, ``orientation``, ``crop_foreground`` and ``augment`` holding
-``flip_prob``, ``rotate90_prob``, ``intensity_scale_prob``, ``intensity_shift_prob``):
+MONAI dictionary transforms, driven by a volume config: the recipe's ``VolumeConfig`` (or a
+mapping / namespace with its keys, which ``VolumeConfig`` validates: the recipe schema is the one
+place its rules live). `VolumePipeline` builds the transforms once, for every file it reads:
 
     load -> channel-first -> orientation -> [spacing] -> HU window to [0, 1] -> [foreground crop]
          -> resize to ``size`` -> (train only) random flips / 90° turns / intensity scale, shift
@@ -18,8 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -51,7 +50,6 @@ KEY = "image"
 PIPELINE_VERSION = 1
 _CFG_PATH = "model.image3d.volume"
 _RAS_LABELS = (("L", "R"), ("P", "A"), ("I", "S"))
-_AXIS_PAIRS = ({"L", "R"}, {"A", "P"}, {"S", "I"})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,46 +75,16 @@ class VolumeParams:
 
     @classmethod
     def from_config(cls, cfg: Any) -> VolumeParams:
-        """Accept a ``VolumeParams``, the pydantic ``VolumeConfig``, a namespace or a mapping."""
+        """Accept a ``VolumeParams``, the pydantic ``VolumeConfig``, a namespace or a mapping; the
+        last two are validated by ``VolumeConfig`` (the one place the recipe's rules live)."""
         if isinstance(cfg, VolumeParams):
             return cfg
-        get = _getter(cfg)
-        size = _triple(get("size"), "size", int)
-        if min(size) < 1:
-            raise RecipeError(f"{_CFG_PATH}.size: every size must be positive, got {list(size)}.")
-        window = get("window")
-        if window is None or len(window) != 2 or not float(window[0]) < float(window[1]):
-            raise RecipeError(f"{_CFG_PATH}.window: expected [low, high] HU with low < high, got {window!r}.",
-                              hint="For CT, [-1000, 1000] keeps air to bone.")
-        spacing = get("spacing")
-        if spacing is not None:
-            spacing = _triple(spacing, "spacing", float)
-            if min(spacing) <= 0 or not all(math.isfinite(s) for s in spacing):
-                raise RecipeError(
-                    f"{_CFG_PATH}.spacing: expected three positive mm values or null, got {list(spacing)}.")
-        orientation = str(get("orientation") or "").upper()
-        if len(orientation) != 3 or any(sum(c in pair for c in orientation) != 1 for pair in _AXIS_PAIRS):
-            raise RecipeError(
-                f"{_CFG_PATH}.orientation: {get('orientation')!r} is not three axis letters, one from each "
-                "of L/R, A/P, S/I.",
-                hint="LPS gives axial slices as a radiologist views them (see docs/volumes.md).",
-            )
-        aug = get("augment")
-        aug_get = _getter(aug) if aug is not None else (lambda name: 0.0)
-        probs = {}
-        for field in dataclasses.fields(VolumeAugment):
-            value = float(aug_get(field.name) or 0.0)
-            if not 0.0 <= value <= 1.0:
-                raise RecipeError(f"{_CFG_PATH}.augment.{field.name}: a probability in [0, 1], got {value}.")
-            probs[field.name] = value
-        augment = VolumeAugment(**probs)
-        if augment.rotate90_prob > 0 and size[1] != size[2]:
-            raise RecipeError(
-                f"{_CFG_PATH}.augment.rotate90_prob: 90° turns in the H×W plane need H == W, size is {list(size)}.",
-                hint="Use a square H×W or set rotate90_prob to 0.",
-            )
-        return cls(size, (float(window[0]), float(window[1])), spacing, orientation,
-                   bool(get("crop_foreground")), augment)
+        config = _volume_config(cfg)
+        aug = config.augment
+        augment = VolumeAugment(aug.flip_prob, aug.rotate90_prob, aug.intensity_scale_prob, aug.intensity_shift_prob)
+        spacing = tuple(float(s) for s in config.spacing) if config.spacing is not None else None
+        return cls(tuple(int(n) for n in config.size), (float(config.window[0]), float(config.window[1])), spacing,
+                   config.orientation, bool(config.crop_foreground), augment)
 
     def eval_dict(self) -> dict:
         """The parameters the eval-mode output depends on (what a cache keys on)."""
@@ -139,20 +107,27 @@ class VolumeParams:
         return any(v > 0 for v in dataclasses.astuple(self.augment))
 
 
-def _getter(cfg: Any):
-    if isinstance(cfg, Mapping):
-        return cfg.get
-    return lambda name: getattr(cfg, name, None)
+def _as_mapping(cfg: Any) -> Any:
+    if cfg is None or isinstance(cfg, (Mapping, str, int, float, list, tuple)):
+        return cfg
+    return {k: _as_mapping(v) for k, v in vars(cfg).items()}
 
 
-def _triple(value: Any, name: str, kind: type) -> tuple:
+def _volume_config(cfg: Any):
+    """A ``VolumeConfig`` from the config itself, a mapping or a namespace; a RecipeError naming
+    the key otherwise."""
+    from pydantic import ValidationError
+
+    from medmvl_cli.config.schema import VolumeConfig
+
+    if isinstance(cfg, VolumeConfig):
+        return cfg
     try:
-        items = tuple(kind(v) for v in value)
-    except (TypeError, ValueError):
-        items = ()
-    if len(items) != 3:
-        raise RecipeError(f"{_CFG_PATH}.{name}: expected three numbers in (D, H, W) order, got {value!r}.")
-    return items
+        return VolumeConfig.model_validate(_as_mapping(cfg))
+    except ValidationError as err:
+        first = err.errors()[0]
+        key = ".".join(str(part) for part in (_CFG_PATH, *first["loc"]))
+        raise RecipeError(f"{key}: {first['msg']}", hint="see docs/recipes.md for the volume settings") from None
 
 
 class LoadVolumed(MapTransform):
@@ -190,9 +165,12 @@ def build_volume_transform(cfg: Any, train: bool = False, max_voxels: int = DEFA
 
 
 def _eval_transforms(params: VolumeParams, max_voxels: int = DEFAULT_MAX_VOXELS) -> list:
-    # Built per call (0.3 ms): no transform objects shared between threads.
+    return [LoadVolumed(KEY, max_voxels)] + _preprocess_transforms(params)
+
+
+def _preprocess_transforms(params: VolumeParams) -> list:
+    """Everything after reading the file; deterministic transforms that keep no per-call state."""
     steps: list = [
-        LoadVolumed(KEY, max_voxels),
         EnsureChannelFirstd(KEY, channel_dim="no_channel"),
         Orientationd(KEY, axcodes=params.axcodes, labels=_RAS_LABELS),
     ]
@@ -237,29 +215,48 @@ def _torch_seed() -> int:
     return int(torch.randint(0, 2**31 - 1, (1,)).item())
 
 
+class VolumePipeline:
+    """A volume config's MONAI pipeline, built once: ``load(path)`` reads and preprocesses a file,
+    ``augment(tensor)`` applies the train-time random transforms. The deterministic steps keep no
+    per-call state, so one pipeline serves every thread; the random ones are reseeded per call from
+    torch's generator (DataLoader workers each hold their own copy)."""
+
+    def __init__(self, cfg: Any):
+        self.params = VolumeParams.from_config(cfg)
+        self._preprocess = Compose(_preprocess_transforms(self.params))
+        steps = _augment_transforms(self.params)
+        self._augment = Compose(steps) if steps else None
+
+    def load(self, path: str | Path, train: bool = False, max_voxels: int = DEFAULT_MAX_VOXELS) -> torch.Tensor:
+        """One file as a float32 tensor (1, D, H, W) in [0, 1] (augmentation at train time may leave
+        that range slightly). Raises ``DataError`` (a ``TooLargeError`` for a header declaring more
+        than ``max_voxels`` voxels)."""
+        if self.params.spacing is not None and str(path).lower().endswith(".npy"):
+            logger.debug("%s: .npy has no geometry; `spacing` resamples it as 1 mm voxels.", path)
+        volume = _run(lambda: self._preprocess({KEY: read_volume(str(path), max_voxels)}), path)
+        return self.augment(volume) if train else volume
+
+    def augment(self, volume: torch.Tensor) -> torch.Tensor:
+        """The train-time random transforms on a preprocessed (1, D, H, W) tensor."""
+        if self._augment is None:
+            return volume
+        self._augment.set_random_state(seed=_torch_seed())
+        return self._augment({KEY: volume})[KEY].contiguous()
+
+
 def augment_volume(volume: torch.Tensor, cfg: Any) -> torch.Tensor:
     """Apply the train-time random transforms to a preprocessed (1, D, H, W) tensor."""
-    transform = build_augment_transform(cfg)
-    if transform is None:
-        return volume
-    transform.set_random_state(seed=_torch_seed())
-    return transform({KEY: volume})[KEY].contiguous()
+    return VolumePipeline(cfg).augment(volume)
 
 
 def load_volume(path: str | Path, cfg: Any, train: bool = False, max_voxels: int = DEFAULT_MAX_VOXELS) -> torch.Tensor:
-    """Read and preprocess one volume: a float32 tensor (1, D, H, W) with values in [0, 1]
-    (augmentation at train time may leave that range slightly). Raises ``DataError`` (a
-    ``TooLargeError`` for a header declaring more than ``max_voxels`` voxels)."""
-    params = VolumeParams.from_config(cfg)
-    if params.spacing is not None and str(path).lower().endswith(".npy"):
-        logger.debug("%s: .npy has no geometry; `spacing` resamples it as 1 mm voxels.", path)
-    volume = _run(Compose(_eval_transforms(params, max_voxels)), path)
-    return augment_volume(volume, params) if train else volume
+    """Read and preprocess one volume (see `VolumePipeline.load`)."""
+    return VolumePipeline(cfg).load(path, train=train, max_voxels=max_voxels)
 
 
-def _run(transform: Compose, path: str | Path) -> torch.Tensor:
+def _run(transform: Callable[[], dict], path: str | Path) -> torch.Tensor:
     try:
-        out = transform({KEY: str(path)})[KEY]
+        out = transform()[KEY]
     except Exception as err:
         # MONAI wraps errors raised inside a transform in RuntimeError; surface ours as they are.
         cause: BaseException | None = err

@@ -15,8 +15,10 @@ import signal
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, Optional
+from types import SimpleNamespace
+from typing import Any
 
 from medmvl_cli.demo.handlers import DEFAULT_MAX_UPLOAD_MB, DemoHandlers, DemoSession, SliderView
 from medmvl_cli.demo.viewer import PLANES
@@ -82,9 +84,72 @@ def require_gradio():
 def build_demo(handlers: DemoHandlers):
     """The ``gr.Blocks`` page around a set of handlers (not launched)."""
     gr = require_gradio()
-    info = handlers.info
+    with gr.Blocks(title="medmvl demo", analytics_enabled=False) as demo:
+        session = gr.State(None, delete_callback=lambda s: s.close() if s is not None else None)
+        _header(gr, handlers.info)
+        with gr.Row(equal_height=False):
+            with gr.Column(scale=5, min_width=360):
+                view = _viewer_column(gr, handlers)
+            with gr.Column(scale=6, min_width=380):
+                chat = _chat_column(gr)
+        _wire_events(gr, handlers, session, view, chat)
+    return demo
 
-    def slider_update(view: Optional[SliderView]):
+
+def _header(gr, info) -> None:
+    """Title and the three steps on the left, the model card on the right."""
+    with gr.Row(equal_height=False):
+        with gr.Column(scale=7):
+            gr.Markdown(f"# {_title(info.branches)}", elem_classes=["medmvl-title"])
+            gr.HTML(_instructions(info.branches))
+        with gr.Column(scale=5):
+            gr.Markdown(info.markdown(), elem_id="model-card")
+
+
+def _viewer_column(gr, handlers: DemoHandlers) -> SimpleNamespace:
+    """The upload box, its status line, the volume controls, the viewer and the slice slider."""
+    upload = gr.File(label=_upload_label(handlers.info.branches, handlers.max_upload_bytes), elem_id="upload")
+    study_status = gr.Markdown("", elem_id="study-status")
+    with gr.Group(visible=False, elem_id="volume-controls") as volume_controls:
+        with gr.Row(equal_height=True):
+            plane = gr.Radio(list(PLANES), value=PLANES[0], label="Plane", elem_id="plane", scale=3)
+            window = gr.Dropdown(handlers.window_choices(), value=(handlers.window_choices() or [None])[0],
+                                 label="Display window (HU)", elem_id="window", scale=2, min_width=170)
+    viewer = gr.Image(label="Viewer", elem_id="viewer", interactive=False, height=440, format="png",
+                      type="pil", buttons=["fullscreen"], placeholder="The image or volume appears here.")
+    index = gr.Slider(0, 1, value=0, step=1, label="Slice", elem_id="slice", visible=False)
+    return SimpleNamespace(upload=upload, study_status=study_status, volume_controls=volume_controls,
+                           plane=plane, window=window, viewer=viewer, index=index)
+
+
+def _chat_column(gr) -> SimpleNamespace:
+    """The conversation, the question box with its buttons and the decoding settings."""
+    chatbot = gr.Chatbot(label="Conversation", elem_id="chat", height=470, buttons=["copy"],
+                         feedback_options=None,
+                         placeholder="Upload a file, then ask, for example: "
+                                     "<i>Is there a nodule in the right lung?</i>")
+    with gr.Row(equal_height=True):
+        question = gr.Textbox(show_label=False, elem_id="question", scale=6, lines=1, max_lines=6,
+                              placeholder="Ask about the image or volume, then press Enter",
+                              submit_btn=False)
+        ask = gr.Button("Ask", variant="primary", elem_id="ask", scale=1, min_width=90)
+    with gr.Row(equal_height=False):
+        chat_status = gr.Markdown("", elem_id="chat-status")
+        clear = gr.Button("Clear conversation", variant="secondary", size="sm", elem_id="clear",
+                          scale=0, min_width=170)
+    with gr.Row():
+        max_new_tokens = gr.Slider(8, 1024, value=128, step=8, label="Longest answer (tokens)",
+                                   elem_id="max-new-tokens")
+        temperature = gr.Slider(0.0, 1.5, value=0.0, step=0.05, label="Temperature",
+                                info="0 = the single most likely answer", elem_id="temperature")
+    return SimpleNamespace(chatbot=chatbot, question=question, ask=ask, chat_status=chat_status, clear=clear,
+                           max_new_tokens=max_new_tokens, temperature=temperature)
+
+
+def _callbacks(gr, handlers: DemoHandlers) -> SimpleNamespace:
+    """What each event does, as Gradio updates of the page's components."""
+
+    def slider_update(view: SliderView | None):
         if view is None:
             return gr.update()
         return gr.update(minimum=0, maximum=max(view.maximum, 1), value=view.value, label=view.label,
@@ -120,63 +185,28 @@ def build_demo(handlers: DemoHandlers):
         session, chat = handlers.clear(session)
         return session, chat, status_update("", True)
 
-    with gr.Blocks(title="medmvl demo", analytics_enabled=False) as demo:
-        session = gr.State(None, delete_callback=lambda s: s.close() if s is not None else None)
-        with gr.Row(equal_height=False):
-            with gr.Column(scale=7):
-                gr.Markdown(f"# {_title(info.branches)}", elem_classes=["medmvl-title"])
-                gr.HTML(_instructions(info.branches))
-            with gr.Column(scale=5):
-                gr.Markdown(info.markdown(), elem_id="model-card")
-        with gr.Row(equal_height=False):
-            with gr.Column(scale=5, min_width=360):
-                upload = gr.File(label=_upload_label(info.branches, handlers.max_upload_bytes),
-                                 elem_id="upload")
-                study_status = gr.Markdown("", elem_id="study-status")
-                with gr.Group(visible=False, elem_id="volume-controls") as volume_controls:
-                    with gr.Row(equal_height=True):
-                        plane = gr.Radio(list(PLANES), value=PLANES[0], label="Plane", elem_id="plane", scale=3)
-                        window = gr.Dropdown(handlers.window_choices(), value=(handlers.window_choices() or [None])[0],
-                                             label="Display window (HU)", elem_id="window", scale=2,
-                                             min_width=170)
-                viewer = gr.Image(label="Viewer", elem_id="viewer", interactive=False, height=440, format="png",
-                                  type="pil", buttons=["fullscreen"], placeholder="The image or volume appears here.")
-                index = gr.Slider(0, 1, value=0, step=1, label="Slice", elem_id="slice", visible=False)
-            with gr.Column(scale=6, min_width=380):
-                chatbot = gr.Chatbot(label="Conversation", elem_id="chat", height=470, buttons=["copy"],
-                                     feedback_options=None,
-                                     placeholder="Upload a file, then ask, for example: "
-                                                 "<i>Is there a nodule in the right lung?</i>")
-                with gr.Row(equal_height=True):
-                    question = gr.Textbox(show_label=False, elem_id="question", scale=6, lines=1, max_lines=6,
-                                          placeholder="Ask about the image or volume, then press Enter",
-                                          submit_btn=False)
-                    ask = gr.Button("Ask", variant="primary", elem_id="ask", scale=1, min_width=90)
-                with gr.Row(equal_height=False):
-                    chat_status = gr.Markdown("", elem_id="chat-status")
-                    clear = gr.Button("Clear conversation", variant="secondary", size="sm", elem_id="clear",
-                                      scale=0, min_width=170)
-                with gr.Row():
-                    max_new_tokens = gr.Slider(8, 1024, value=128, step=8, label="Longest answer (tokens)",
-                                               elem_id="max-new-tokens")
-                    temperature = gr.Slider(0.0, 1.5, value=0.0, step=0.05, label="Temperature",
-                                            info="0 = the single most likely answer", elem_id="temperature")
+    return SimpleNamespace(upload=on_upload, plane=on_plane, slice=on_slice, ask=on_ask, clear=on_clear)
 
-        upload.change(on_upload, [upload, session],
-                      [session, study_status, viewer, volume_controls, plane, index, window, chatbot, chat_status],
-                      concurrency_limit=2)
-        view_events = {"show_progress": "hidden", "concurrency_limit": None, "trigger_mode": "always_last"}
-        plane.change(on_plane, [session, plane, window], [index, viewer], **view_events)
-        index.change(on_slice, [session, plane, index, window], [viewer], **view_events)
-        window.change(on_slice, [session, plane, index, window], [viewer], **view_events)
-        ask_inputs = [session, question, max_new_tokens, temperature]
-        ask_outputs = [session, chatbot, question, chat_status]
-        for trigger in (question.submit, ask.click):
-            trigger(on_ask, ask_inputs, ask_outputs, concurrency_limit=1, concurrency_id=CONCURRENCY_ID,
-                    show_progress="minimal")
-        for trigger in (clear.click, chatbot.clear):  # the button, and the chat's own bin icon
-            trigger(on_clear, [session], [session, chatbot, chat_status], concurrency_limit=None)
-    return demo
+
+def _wire_events(gr, handlers: DemoHandlers, session, view: SimpleNamespace, chat: SimpleNamespace) -> None:
+    """Connect the components to the callbacks; model events share one concurrency group."""
+    on = _callbacks(gr, handlers)
+    view.upload.change(on.upload, [view.upload, session],
+                       [session, view.study_status, view.viewer, view.volume_controls, view.plane, view.index,
+                        view.window, chat.chatbot, chat.chat_status],
+                       concurrency_limit=2)
+    view_events = {"show_progress": "hidden", "concurrency_limit": None, "trigger_mode": "always_last"}
+    slice_inputs = [session, view.plane, view.index, view.window]
+    view.plane.change(on.plane, [session, view.plane, view.window], [view.index, view.viewer], **view_events)
+    view.index.change(on.slice, slice_inputs, [view.viewer], **view_events)
+    view.window.change(on.slice, slice_inputs, [view.viewer], **view_events)
+    ask_inputs = [session, chat.question, chat.max_new_tokens, chat.temperature]
+    ask_outputs = [session, chat.chatbot, chat.question, chat.chat_status]
+    for trigger in (chat.question.submit, chat.ask.click):
+        trigger(on.ask, ask_inputs, ask_outputs, concurrency_limit=1, concurrency_id=CONCURRENCY_ID,
+                show_progress="minimal")
+    for trigger in (chat.clear.click, chat.chatbot.clear):  # the button, and the chat's own bin icon
+        trigger(on.clear, [session], [session, chat.chatbot, chat.chat_status], concurrency_limit=None)
 
 
 def _upload_label(branches: tuple[str, ...], max_bytes: int) -> str:
@@ -186,7 +216,7 @@ def _upload_label(branches: tuple[str, ...], max_bytes: int) -> str:
 
 def launch(predictor: Any, host: str = "127.0.0.1", port: int = 7860,
            max_upload_mb: float = DEFAULT_MAX_UPLOAD_MB, share: bool = False,
-           on_ready: Optional[Callable[[str, Optional[str]], None]] = None, block: bool = True,
+           on_ready: Callable[[str, str | None], None] | None = None, block: bool = True,
            **limits: int):
     """Serve the page for a loaded ``Predictor``; calls ``on_ready(local_url, share_url)`` once it listens.
     ``limits``: ``max_voxels`` / ``max_pixels`` for uploads (see data/limits.py).

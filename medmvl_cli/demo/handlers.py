@@ -16,7 +16,7 @@ import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 from PIL import Image
 
@@ -47,7 +47,7 @@ EMPTY_ANSWER = "*(The model gave no answer. Try asking another way.)*"
 class DemoSession:
     """One browser tab: the file it uploaded and the conversation about it."""
 
-    study: Optional[Study] = None
+    study: Study | None = None
     messages: list[dict] = field(default_factory=list)
 
     def chat(self) -> list[dict]:
@@ -83,9 +83,9 @@ class UploadView:
     session: DemoSession
     status: str  # Markdown: the file's summary, or what is wrong with it
     ok: bool
-    picture: Optional[Image.Image] = None
+    picture: Image.Image | None = None
     is_volume: bool = False
-    slider: Optional[SliderView] = None
+    slider: SliderView | None = None
     windows: list[str] = field(default_factory=list)
 
 
@@ -110,7 +110,7 @@ def for_viewer(picture: Image.Image) -> Image.Image:
     return picture.resize(size, Image.Resampling.BILINEAR if scale > 1 else Image.Resampling.LANCZOS)
 
 
-def error_text(message: str, hint: Optional[str] = None) -> str:
+def error_text(message: str, hint: str | None = None) -> str:
     return f"**⚠ {message}**" + (f"  \n{hint}" if hint else "")
 
 
@@ -118,7 +118,7 @@ class DemoHandlers:
     """The page's event handlers around one loaded ``Predictor`` (shared by every tab)."""
 
     def __init__(self, predictor: Any, max_upload_mb: float = DEFAULT_MAX_UPLOAD_MB,
-                 tmp_root: Optional[Path] = None, max_voxels: int = DEFAULT_MAX_VOXELS,
+                 tmp_root: Path | None = None, max_voxels: int = DEFAULT_MAX_VOXELS,
                  max_pixels: int = DEFAULT_MAX_PIXELS):
         self.predictor = predictor
         self.info: ModelInfo = describe_model(predictor)
@@ -136,7 +136,7 @@ class DemoHandlers:
         model = [f"Model's ({window[0]:g}, {window[1]:g})"] if window else []
         return model + list(WINDOW_PRESETS) + [FULL_RANGE]
 
-    def window_range(self, choice: Optional[str], study: Optional[Study]) -> tuple[float, float]:
+    def window_range(self, choice: str | None, study: Study | None) -> tuple[float, float]:
         if choice in WINDOW_PRESETS:
             return WINDOW_PRESETS[choice]
         if (choice == FULL_RANGE or self.info.volume_window is None) and study is not None and study.volume is not None:
@@ -144,7 +144,7 @@ class DemoHandlers:
             return (lo, hi) if hi > lo else (lo, lo + 1.0)
         return self.info.volume_window or (-1000.0, 1000.0)
 
-    def upload(self, file: Optional[str | Path], session: Optional[DemoSession]) -> UploadView:
+    def upload(self, file: str | Path | None, session: DemoSession | None) -> UploadView:
         """Open an uploaded file for a (new) conversation; errors become the status text."""
         session = session or DemoSession()
         session.close()  # a new file starts a new conversation
@@ -178,16 +178,16 @@ class DemoHandlers:
         return SliderView(maximum=count - 1, value=count // 2,
                           label=f"{plane} slice ({PLANE_DIRECTION[plane]}, {count} in all)")
 
-    def show_slice(self, session: Optional[DemoSession], plane: str, index: float,
-                   window: Optional[str]) -> Optional[Image.Image]:
+    def show_slice(self, session: DemoSession | None, plane: str, index: float,
+                   window: str | None) -> Image.Image | None:
         """The picture for the slider / plane / window now chosen (None with no volume open)."""
         study = session.study if session else None
         if study is None or study.volume is None:
             return for_viewer(study.picture) if study is not None and study.picture is not None else None
         return render_slice(study.volume, plane, int(index), self.window_range(window, study))
 
-    def change_plane(self, session: Optional[DemoSession], plane: str,
-                     window: Optional[str]) -> tuple[Optional[SliderView], Optional[Image.Image]]:
+    def change_plane(self, session: DemoSession | None, plane: str,
+                     window: str | None) -> tuple[SliderView | None, Image.Image | None]:
         """A new plane starts at its middle slice."""
         study = session.study if session else None
         if study is None or study.volume is None:
@@ -197,7 +197,7 @@ class DemoHandlers:
 
     # ------------------------------------------------------------------------- the conversation
 
-    def ask(self, session: Optional[DemoSession], question: str, max_new_tokens: int = 128,
+    def ask(self, session: DemoSession | None, question: str, max_new_tokens: int = 128,
             temperature: float = 0.0) -> Iterator[AskView]:
         """Send one question with the conversation so far; yield the chat as the answer streams in.
 
@@ -263,7 +263,7 @@ class DemoHandlers:
             raise outcome["error"]
         yield str(outcome.get("text", text)).strip()
 
-    def clear(self, session: Optional[DemoSession]) -> tuple[DemoSession, list[dict]]:
+    def clear(self, session: DemoSession | None) -> tuple[DemoSession, list[dict]]:
         """Forget the conversation, keep the file."""
         session = session or DemoSession()
         session.messages = []

@@ -1,13 +1,14 @@
-"""What the page says about the model: its name, branches and preprocessing, read off a Predictor."""
+"""What the page says about the model: its name, branches and preprocessing, read off a Predictor's processor."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any
 
 BRANCH_NAMES = {"image": "2D images", "image3d": "3D volumes"}
 PLACEHOLDERS = {"image": "<image>", "image3d": "<image3d>"}
+VOLUME_KEYS = ("size", "window", "spacing", "orientation", "crop_foreground")
 
 
 @dataclass
@@ -15,15 +16,15 @@ class ModelInfo:
     name: str
     path: str
     branches: tuple[str, ...]  # "image" and / or "image3d"
-    template: Optional[str] = None
-    device: Optional[str] = None
-    image_size: Optional[tuple[int, int]] = None  # (H, W) the 2D encoder takes
-    image_window: Optional[tuple[float, float]] = None  # window applied to DICOM / 16-bit images
-    volume: dict = field(default_factory=dict)  # size, window, spacing, orientation, crop_foreground
+    template: str | None = None
+    device: str | None = None
+    image_size: tuple[int, int] | None = None  # (H, W) the 2D encoder takes
+    image_window: tuple[float, float] | None = None  # window applied to DICOM / 16-bit images
+    volume: dict = field(default_factory=dict)  # VOLUME_KEYS
     tokens: dict = field(default_factory=dict)  # placeholder -> tokens it expands to
 
     @property
-    def volume_window(self) -> Optional[tuple[float, float]]:
+    def volume_window(self) -> tuple[float, float] | None:
         window = self.volume.get("window")
         return (float(window[0]), float(window[1])) if window else None
 
@@ -56,45 +57,23 @@ class ModelInfo:
 
 
 def describe_model(predictor: Any) -> ModelInfo:
-    """Read the name, branches and preprocessing off a ``Predictor`` (or an object shaped like one)."""
-    media = predictor.media
-    tokens = dict(getattr(predictor, "placeholder_lengths", {}) or {})
-    branches = []
-    if getattr(media, "image_processor", None) is not None or "<image>" in tokens:
-        branches.append("image")
-    if getattr(media, "volume_config", None) is not None or "<image3d>" in tokens:
-        branches.append("image3d")
-    model = getattr(predictor, "model", None)
-    template = getattr(getattr(model, "config", None), "template", None)
-    window = getattr(media, "image_window", None)
+    """Read the name, branches and preprocessing off a ``Predictor``'s processor."""
+    processor = predictor.processor
+    volume = processor.volume
     return ModelInfo(
         name=str(predictor.name),
-        path=str(getattr(predictor, "model_dir", "")),
-        branches=tuple(branches),
-        template=str(template) if template else None,
-        device=str(getattr(predictor, "device", "")) or None,
-        image_size=_image_size(getattr(media, "image_processor", None)),
-        image_window=(float(window[0]), float(window[1])) if window else None,
-        volume=_volume_dict(getattr(media, "volume_config", None)),
-        tokens=tokens,
+        path=str(predictor.model_dir),
+        branches=tuple(branch for branch, placeholder in PLACEHOLDERS.items() if placeholder in processor.tokens),
+        template=processor.template_name,
+        device=str(predictor.device),
+        image_size=_image_size(processor.image_processor),
+        image_window=processor.image_window,
+        volume=volume.model_dump(mode="json", include=set(VOLUME_KEYS)) if volume is not None else {},
+        tokens=dict(processor.tokens),
     )
 
 
-def _get(obj: Any, name: str) -> Any:
-    return obj.get(name) if isinstance(obj, Mapping) else getattr(obj, name, None)
-
-
-def _volume_dict(cfg: Any) -> dict:
-    if cfg is None:
-        return {}
-    out = {}
-    for key in ("size", "window", "spacing", "orientation", "crop_foreground"):
-        value = _get(cfg, key)
-        out[key] = list(value) if isinstance(value, (tuple, list)) else value
-    return out
-
-
-def _image_size(processor: Any) -> Optional[tuple[int, int]]:
+def _image_size(processor: Any) -> tuple[int, int] | None:
     """(H, W) from an HF image processor's crop_size / size."""
     if processor is None:
         return None

@@ -15,18 +15,17 @@ import tempfile
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
 
 from PIL import Image
 
+from medmvl_cli.constants import BRANCH_PLACEHOLDERS
+from medmvl_cli.data.file_kinds import IMAGE_SUFFIXES, VOLUME_SUFFIXES, is_dicom
 from medmvl_cli.data.limits import DEFAULT_MAX_PIXELS, DEFAULT_MAX_VOXELS, TooLargeError
 from medmvl_cli.demo.viewer import DisplayVolume, to_display
 from medmvl_cli.errors import DataError, MedmvlError
 
 logger = logging.getLogger(__name__)
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".dcm", ".dicom")
-VOLUME_SUFFIXES = (".npy", ".nii", ".nii.gz", ".nrrd", ".mha", ".mhd")
 ACCEPTED = ("2D images: PNG, JPEG, BMP, TIFF or a single DICOM slice. 3D volumes: NIfTI (.nii, .nii.gz), "
             "NRRD, MHA, .npy (HU, D×H×W), or a .zip of one DICOM series.")
 TOO_LARGE_HINT = ("Upload a downsampled copy, or restart the demo with a larger `--max-voxels` (volumes) / "
@@ -49,13 +48,13 @@ class Study:
     kind: str  # "image" (2D) or "image3d" (3D)
     name: str  # the file name the user uploaded
     path: Path  # what the model reads: the file, or the folder a zip was unpacked into
-    picture: Optional[Image.Image] = None  # 2D: the image as the model's reader gives it
-    volume: Optional[DisplayVolume] = None  # 3D: the volume reoriented for display
-    workdir: Optional[Path] = field(default=None, repr=False)  # our temporary folder, if any
+    picture: Image.Image | None = None  # 2D: the image as the model's reader gives it
+    volume: DisplayVolume | None = None  # 3D: the volume reoriented for display
+    workdir: Path | None = field(default=None, repr=False)  # our temporary folder, if any
 
     @property
     def placeholder(self) -> str:
-        return "<image3d>" if self.kind == "image3d" else "<image>"
+        return BRANCH_PLACEHOLDERS[self.kind]
 
     def summary(self) -> str:
         if self.volume is not None:
@@ -82,23 +81,14 @@ def file_kind(path: Path) -> str:
         return "image3d"
     if name.endswith(IMAGE_SUFFIXES):
         return "image"
-    if _is_dicom(path):
+    if is_dicom(path):
         return "image"
     raise UploadError(f"{path.name}: not a file type the demo reads.", hint=ACCEPTED)
 
 
-def _is_dicom(path: Path) -> bool:
-    from pydicom.misc import is_dicom
-
-    try:
-        return is_dicom(path)
-    except OSError:
-        return False
-
-
 def open_study(path: str | Path, branches: tuple[str, ...], max_bytes: int,
-               image_window: Optional[tuple[float, float]] = None, tmp_root: Optional[Path] = None,
-               name: Optional[str] = None, max_voxels: int = DEFAULT_MAX_VOXELS,
+               image_window: tuple[float, float] | None = None, tmp_root: Path | None = None,
+               name: str | None = None, max_voxels: int = DEFAULT_MAX_VOXELS,
                max_pixels: int = DEFAULT_MAX_PIXELS) -> Study:
     """Check an uploaded file against the size limits and the model's branches, then read it
     (a volume over ``max_voxels`` / an image over ``max_pixels`` is refused from its header).
@@ -161,13 +151,13 @@ def _wrong_branch_hint(branches: tuple[str, ...]) -> str:
             "on a model with a 2D branch (`medmvl demo --model RUN_DIR`).")
 
 
-def _open_image(path: Path, name: str, window: Optional[tuple[float, float]], max_pixels: int) -> Study:
+def _open_image(path: Path, name: str, window: tuple[float, float] | None, max_pixels: int) -> Study:
     from medmvl_cli.data.image_io import read_image
 
     return Study(kind="image", name=name, path=path, picture=read_image(path, window=window, max_pixels=max_pixels))
 
 
-def _open_volume(path: Path, name: str, workdir: Optional[Path], max_voxels: int) -> Study:
+def _open_volume(path: Path, name: str, workdir: Path | None, max_voxels: int) -> Study:
     from medmvl_cli.data.volume_io import read_volume
 
     volume = read_volume(path, max_voxels)

@@ -5,10 +5,10 @@ from __future__ import annotations
 import importlib.metadata
 import os
 import platform
-from typing import Iterable, Optional
+from collections.abc import Iterable
 
 
-def package_version(name: str) -> Optional[str]:
+def package_version(name: str) -> str | None:
     """The installed version of a distribution, or None when absent."""
     try:
         return importlib.metadata.version(name)

@@ -21,10 +21,10 @@ logger = logging.getLogger(__name__)
 class GenerationEval:
     """Answers and scores `recipe.data.eval` (the first `train.eval_max_samples` records)."""
 
-    def __init__(self, recipe: Recipe, tokenizer, image_processor):
+    def __init__(self, recipe: Recipe, processor):
         from medmvl_cli.inference.generate import GenerationSettings
 
-        self.tokenizer, self.image_processor = tokenizer, image_processor
+        self.processor = processor
         self.questions = eval_questions(recipe)
         self.settings = GenerationSettings(max_new_tokens=recipe.train.eval_max_new_tokens)
         self.batch_size = recipe.train.batch_size
@@ -36,7 +36,7 @@ class GenerationEval:
         from medmvl_cli.inference.generate import Predictor
         from medmvl_cli.inference.predictions import answer_in_batches, order_for_batching
 
-        predictor = Predictor.for_model(model, self.tokenizer, self.image_processor, self.name,
+        predictor = Predictor.for_model(model, self.processor, self.name,
                                         max_voxels=self.max_voxels, max_pixels=self.max_pixels)
         share, real = self._share(order_for_batching(self.questions, predictor.placeholder_lengths), rank, world_size)
         was_training = model.training

@@ -12,7 +12,6 @@ import shlex
 import subprocess
 import sys
 from dataclasses import dataclass
-from typing import Optional
 
 
 @dataclass
@@ -29,7 +28,7 @@ def under_launcher() -> bool:
     return "LOCAL_RANK" in os.environ and "WORLD_SIZE" in os.environ
 
 
-def needs_launch(options: LaunchOptions, deepspeed: Optional[str]) -> bool:
+def needs_launch(options: LaunchOptions, deepspeed: str | None) -> bool:
     if under_launcher():
         return False
     return options.nproc_per_node > 1 or options.nnodes > 1 or deepspeed is not None

@@ -6,15 +6,15 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import Optional
 
 from medmvl_cli.config.schema import Recipe
-from medmvl_cli.engine.run_folder import BEST, write_atomic
+from medmvl_cli.constants import RECIPES_DIR
 from medmvl_cli.errors import RunError
+from medmvl_cli.runs.folder import BEST, write_atomic
 
 logger = logging.getLogger(__name__)
 
-DEEPSPEED_CONFIGS = Path(__file__).resolve().parent / "deepspeed"
+DEEPSPEED_CONFIGS = RECIPES_DIR / "deepspeed"
 
 
 def compute_dtype(recipe: Recipe) -> str:
@@ -31,7 +31,7 @@ def compute_dtype(recipe: Recipe) -> str:
     return dtype
 
 
-def deepspeed_config(recipe: Recipe) -> Optional[str]:
+def deepspeed_config(recipe: Recipe) -> str | None:
     name = recipe.distributed.deepspeed
     if name is None:
         return None
@@ -41,26 +41,18 @@ def deepspeed_config(recipe: Recipe) -> Optional[str]:
     return str(path)
 
 
-def placeholder_lengths(model) -> dict[str, int]:
-    """Tokens per `<image>` / `<image3d>`, derived from the model's encoders and connectors."""
-    return {placeholder: model.num_tokens(branch)
-            for branch, placeholder in (("image", "<image>"), ("image3d", "<image3d>"))
-            if getattr(model.config, branch) is not None}
-
-
 def build_training_model(recipe: Recipe):
-    """The model (fresh, or from `init_from`), its tokenizer and image processor, with trainable parts set.
+    """The model (fresh, or from `init_from`) with trainable parts set, and its processor.
 
     Weights are float32 master weights; bf16 / fp16 training runs them under autocast."""
-    from medmvl_cli.model.builder import build_model
+    from medmvl_cli.inference.load import build
     from medmvl_cli.model.trainable import apply_lora, apply_trainable
 
-    model, tokenizer, image_processor = build_model(recipe, dtype="float32")
-    model.config.template = recipe.model.llm.template
+    model, processor = build(recipe, dtype="float32")
     apply_trainable(model, recipe.trainable)
     if recipe.trainable.llm == "lora":
         apply_lora(model, recipe.lora)
-    return model, tokenizer, image_processor
+    return model, processor
 
 
 def _sources(specs):
@@ -69,27 +61,16 @@ def _sources(specs):
     return [DatasetSource(s.annotations, s.image_root, s.volume_root, s.weight) for s in specs]
 
 
-def build_datasets(recipe: Recipe, model, tokenizer, image_processor):
+def build_datasets(recipe: Recipe, processor):
+    """(train, eval or None) datasets, both read through the model's processor."""
     from medmvl_cli.data.dataset import LVLMDataset
-    from medmvl_cli.data.media import MediaLoader
-    from medmvl_cli.data.templates import get_template
 
-    template = get_template(recipe.model.llm.template)
-    lengths = placeholder_lengths(model)
-    image3d = recipe.model.image3d
+    processor.set_limits(recipe.data.max_voxels, recipe.data.max_pixels, cache_dir=recipe.data.cache_dir)
 
     def dataset(specs, train: bool):
-        media = MediaLoader(
-            image_processor=image_processor,
-            image_window=recipe.model.image.window if recipe.model.image else None,
-            volume_config=image3d.volume if image3d else None,
-            cache_dir=recipe.data.cache_dir, train=train,
-            max_voxels=recipe.data.max_voxels, max_pixels=recipe.data.max_pixels,
-        )
         return LVLMDataset.from_sources(
-            _sources(specs), tokenizer, template, lengths, recipe.model.llm.max_length, media,
-            truncate_answers=recipe.data.truncate_answers, skip_bad_records=recipe.data.skip_bad_records,
-            require_answer=train,
+            _sources(specs), processor, train=train, truncate_answers=recipe.data.truncate_answers,
+            skip_bad_records=recipe.data.skip_bad_records, require_answer=train,
         )
 
     if not recipe.data.train:
@@ -180,7 +161,7 @@ def join_deepspeed_process_group(args) -> None:
         comm.init_distributed(dist_backend=args.ddp_backend, auto_mpi_discovery=False)
 
 
-def train_stage(recipe: Recipe, *, resume: Optional[str] = None, overwrite: bool = False,
+def train_stage(recipe: Recipe, *, resume: str | None = None, overwrite: bool = False,
                 quiet: bool = False) -> Path:
     """Train one stage of a resolved recipe into its run folder; returns the folder."""
     import transformers
@@ -189,9 +170,9 @@ def train_stage(recipe: Recipe, *, resume: Optional[str] = None, overwrite: bool
     from medmvl_cli.config.loader import dump_recipe
     from medmvl_cli.data.collator import LVLMCollator
     from medmvl_cli.engine.callbacks import MetricsFile, TrainingProgress
-    from medmvl_cli.engine.run_folder import RunFolder
     from medmvl_cli.engine.trainer import LVLMTrainer
     from medmvl_cli.model.builder import materialise_presets
+    from medmvl_cli.runs.folder import RunFolder
 
     run = RunFolder(recipe.output_dir)
     materialise_presets(recipe)
@@ -205,23 +186,23 @@ def train_stage(recipe: Recipe, *, resume: Optional[str] = None, overwrite: bool
             checkpoint = run.resume_checkpoint(resume)
     transformers.set_seed(recipe.seed)
     join_deepspeed_process_group(args)
-    model, tokenizer, image_processor = build_training_model(recipe)
+    model, processor = build_training_model(recipe)
     if recipe.data.packing:
         from medmvl_cli.model.packed_attention import use_packed_attention
 
         use_packed_attention(model)
-    train_set, eval_set = build_datasets(recipe, model, tokenizer, image_processor)
+    train_set, eval_set = build_datasets(recipe, processor)
     generation_eval = None
     if eval_set is not None and recipe.train.eval_generate:
         from medmvl_cli.engine.generation_eval import GenerationEval
 
-        generation_eval = GenerationEval(recipe, tokenizer, image_processor)
+        generation_eval = GenerationEval(recipe, processor)
     callbacks = [MetricsFile(run.metrics_file)]
     if not quiet:
         callbacks.append(TrainingProgress())
     trainer = LVLMTrainer(
         model=model, args=args, train_dataset=train_set, eval_dataset=eval_set,
-        data_collator=LVLMCollator(tokenizer.pad_token_id, packing=recipe.data.packing),
+        data_collator=LVLMCollator(processor.tokenizer.pad_token_id, packing=recipe.data.packing),
         callbacks=callbacks, sampler_weights=[s.weight for s in recipe.data.train],
         group_by_length=recipe.data.group_by_length, keep_checkpoints=recipe.train.save_total_limit,
         param_lrs=component_learning_rates(model, recipe),
@@ -246,7 +227,7 @@ def train_stage(recipe: Recipe, *, resume: Optional[str] = None, overwrite: bool
         metrics = evaluated[-1] if evaluated else trainer.evaluate()  # the last step may have just been evaluated
         logger.info("eval loss %.4f", metrics.get("eval_loss", float("nan")))
         best = settle_best(trainer, run, recipe, metrics)
-    save_final_model(trainer, run, tokenizer, image_processor, recipe)
+    save_final_model(trainer, run, processor, recipe)
     if eval_set is not None and trainer.args.should_save:
         write_atomic(run.root / BEST, json.dumps(best, indent=2) + "\n")
     return run.root
@@ -300,7 +281,7 @@ def component_learning_rates(model, recipe: Recipe) -> dict[int, float]:
     return rates
 
 
-def save_final_model(trainer, run, tokenizer, image_processor, recipe: Recipe) -> None:
+def save_final_model(trainer, run, processor, recipe: Recipe) -> None:
     """model/ written beside and renamed into place; FINISHED last (rank 0)."""
     import shutil
 
@@ -308,20 +289,15 @@ def save_final_model(trainer, run, tokenizer, image_processor, recipe: Recipe) -
     trainer.accelerator.wait_for_everyone()
     if not trainer.args.should_save:
         return
-    from medmvl_cli.model.builder import save_model
-
-    from medmvl_cli.data.templates import get_template
-    from medmvl_cli.engine.run_folder import STAGED_MODEL
     from medmvl_cli.errors import is_disk_error, write_failure
+    from medmvl_cli.model.builder import save_model
+    from medmvl_cli.runs.folder import STAGED_MODEL
 
     staging = run.root / STAGED_MODEL
     shutil.rmtree(staging, ignore_errors=True)
     model = trainer.accelerator.unwrap_model(trainer.model)
-    # The saved chat template is the run's, so HF tools format prompts the way the model was trained.
-    tokenizer.chat_template = get_template(recipe.model.llm.template).jinja(tokenizer)
     try:
-        save_model(model, staging, tokenizer=tokenizer, image_processor=image_processor,
-                   state_dict=state_dict, dtype=compute_dtype(recipe))
+        save_model(model, staging, processor, state_dict=state_dict, dtype=compute_dtype(recipe))
     except Exception as err:
         if not is_disk_error(err):
             raise

@@ -4,7 +4,7 @@
 - Optimizer: AdamW; weight decay off for norms and biases; optional learning rates per component
   (`train.lr_connector`, `train.lr_encoder`, as LLaVA's mm_projector_lr).
 - Checkpoints: `checkpoints/step-N`, written under Trainer's own name, given checksums
-  (`engine/checkpoint.py`) and renamed when complete, so a crash mid-save never leaves a folder that
+  (`runs/checkpoint.py`) and renamed when complete, so a crash mid-save never leaves a folder that
   looks resumable; `save_total_limit` honoured. A failed save (disk full) stops the run naming the
   folder. The weights are saved as the model's exact state dict (safetensors) and loaded back
   strictly; a checkpoint file that does not load stops the run naming it.
@@ -27,9 +27,9 @@ from transformers import Trainer
 
 from medmvl_cli.data.dataset import SKIPPED
 from medmvl_cli.data.sampler import WeightedLengthGroupedSampler
-from medmvl_cli.engine.checkpoint import write_checksums
-from medmvl_cli.engine.run_folder import STEP_DIR
 from medmvl_cli.errors import MedmvlError, RunError, write_failure
+from medmvl_cli.runs.checkpoint import write_checksums
+from medmvl_cli.runs.folder import STEP_DIR
 
 logger = logging.getLogger(__name__)
 

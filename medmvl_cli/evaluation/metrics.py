@@ -10,10 +10,7 @@ from __future__ import annotations
 import re
 from collections import Counter
 
-from medmvl_cli.evaluation.normalize import normalize_answer
-
-_YES_NO = ("yes", "no")
-
+from medmvl_cli.data.answer_text import YES_NO, is_yes_no, normalize_answer
 
 # --- LLaVA-Med, as its run_eval.py computes ---------------------------------------------------
 
@@ -34,7 +31,7 @@ def closed_hit_strict(prediction: str, reference: str) -> bool:
     and the normalised reference's words must appear there as a contiguous run of words."""
     pred = normalize_answer(prediction).split()
     ref = normalize_answer(reference).split()
-    if not ref or not any(word in pred for word in _YES_NO):
+    if not ref or not any(word in pred for word in YES_NO):
         return False
     width = len(ref)
     return any(pred[i : i + width] == ref for i in range(len(pred) - width + 1))
@@ -67,11 +64,6 @@ def exact_match(prediction: str, reference: str) -> bool:
 
 
 # --- question kind ----------------------------------------------------------------------------
-
-
-def is_yes_no(answer: str) -> bool:
-    """The reference answer is yes or no (after normalisation)."""
-    return normalize_answer(answer) in _YES_NO
 
 
 def infer_question_type(answer: str) -> str:

@@ -55,13 +55,6 @@ def bleu(prediction: str, reference: str, order: int) -> float:
     return bleu_scores(prediction, reference)[f"bleu_{order}"]
 
 
-def bleu_tokens(text: str) -> list[str]:
-    """The 13a tokens BLEU counts (for inspection and tests)."""
-    from sacrebleu.tokenizers.tokenizer_13a import Tokenizer13a
-
-    return Tokenizer13a()(text).split()
-
-
 @functools.lru_cache(maxsize=1)
 def _rouge_scorer():
     from rouge_score.rouge_scorer import RougeScorer

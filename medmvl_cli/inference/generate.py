@@ -10,23 +10,14 @@ once and reused for every question about it (CT-RATE files ask 3-5 questions per
 from __future__ import annotations
 
 import logging
-import os
 from collections import OrderedDict
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional, Sequence
 
-from medmvl_cli.data.limits import DEFAULT_MAX_PIXELS, DEFAULT_MAX_VOXELS, overlong_turn
-from medmvl_cli.errors import DataError, RunError
+from medmvl_cli.data.limits import DEFAULT_MAX_PIXELS, DEFAULT_MAX_VOXELS
 
 logger = logging.getLogger(__name__)
-
-MODEL_ENV = "MEDMVL_MODEL"
-RUNS_DIR = Path("runs")
-GET_A_MODEL = (
-    "train one (`medmvl quickstart`, or `medmvl finetune recipes/quickstart/tiny-2d.yaml`), import one "
-    "(`medmvl import medm-vl SRC --out runs/NAME`), then pass --model runs/NAME or set MEDMVL_MODEL"
-)
 
 
 @dataclass
@@ -79,50 +70,8 @@ def file_identity(path: Path) -> str:
     return f"{resolved}|{hash(tuple(stamps))}"
 
 
-def choose_model(model: Optional[str]) -> tuple[Path, str]:
-    """(model folder, why it was chosen): --model, else $MEDMVL_MODEL, else the newest finished run
-    under ./runs. `model` may name a run folder or a model folder (`runs/NAME/model`, an export)."""
-    from medmvl_cli.engine.run_folder import newest_finished_run
-
-    env = os.environ.get(MODEL_ENV, "").strip()
-    if model:
-        chosen, origin, how = model, f"--model {model}", "--model"
-    elif env:
-        chosen, origin, how = env, f"${MODEL_ENV}={env}", f"from ${MODEL_ENV}"
-    else:
-        run = newest_finished_run(RUNS_DIR)
-        if run is None:
-            raise RunError(f"no model: no --model, no ${MODEL_ENV}, and no finished run under ./{RUNS_DIR}"
-                           + _unfinished_note(), hint=GET_A_MODEL)
-        chosen, origin, how = str(run), str(run), f"the newest finished run under ./{RUNS_DIR}"
-    path = Path(chosen).expanduser()
-    if (path / "model" / "config.json").is_file():
-        return path / "model", how
-    if (path / "config.json").is_file():
-        return path, how
-    what = "does not exist" if not path.exists() else "is neither a run folder with model/ nor a model folder"
-    raise RunError(f"{origin}: {path} {what}",
-                   hint="point it at runs/NAME (a run) or a folder written by `medmvl export`; to get a model, "
-                        + GET_A_MODEL)
-
-
-def _unfinished_note() -> str:
-    if not RUNS_DIR.is_dir():
-        return ""
-    unfinished = sorted(p.name for p in RUNS_DIR.iterdir() if p.is_dir() and not (p / "FINISHED").is_file())
-    if not unfinished:
-        return ""
-    return (f" ({', '.join(unfinished[:3])}{' ...' if len(unfinished) > 3 else ''} did not finish; "
-            "resume with --resume auto, or pass --model to use its model/ anyway)")
-
-
-def resolve_model_dir(model: Optional[str]) -> Path:
-    """--model, else $MEDMVL_MODEL, else the newest finished run under ./runs; a run folder or its model/."""
-    return choose_model(model)[0]
-
-
 class Predictor:
-    """A loaded model with its tokenizer, template and preprocessing.
+    """A loaded model with its processor (tokenizer, template, image and volume preprocessing).
 
     A LoRA adapter is merged into the LLM at load (as LLaVA's loader does): the answers are the
     adapter's, decoding is as fast as the plain model's. `volumes_encoded` and `cache_hits` count
@@ -131,53 +80,32 @@ class Predictor:
     `max_voxels` / `max_pixels`, turns from their length above the model's max_length allows.
     """
 
-    def __init__(self, model_dir: Path, feature_cache_size: int = 64, device: Optional[str] = None,
+    def __init__(self, model_dir: Path, feature_cache_size: int = 64, device: str | None = None,
                  max_voxels: int = DEFAULT_MAX_VOXELS, max_pixels: int = DEFAULT_MAX_PIXELS):
-        import torch
-
-        from medmvl_cli.model.builder import load_model
-
-        self.model_dir = Path(model_dir)
-        model, tokenizer, image_processor = load_model(self.model_dir, merge_lora=True)
-        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self._attach(model.to(device).eval(), tokenizer, image_processor, feature_cache_size, max_voxels, max_pixels)
+        from medmvl_cli.inference.load import load
         from medmvl_cli.inference.prefix_cache import PrefixStore
 
+        self.model_dir = Path(model_dir)
+        model, processor = load(self.model_dir, device=device or "auto", merge_lora=True)
+        self._attach(model, processor, feature_cache_size, max_voxels, max_pixels)
         # Loaded weights never change: prefixes may outlive a batch (not so for `for_model`).
         self._prefix_store = PrefixStore()
 
     @classmethod
-    def for_model(cls, model, tokenizer, image_processor, name: str, feature_cache_size: int = 64,
-                  max_voxels: int = DEFAULT_MAX_VOXELS, max_pixels: int = DEFAULT_MAX_PIXELS) -> "Predictor":
-        """A predictor over a model in memory, where it is (generation metrics while training);
-        the caller sets train / eval mode."""
+    def for_model(cls, model, processor, name: str, feature_cache_size: int = 64,
+                  max_voxels: int = DEFAULT_MAX_VOXELS, max_pixels: int = DEFAULT_MAX_PIXELS) -> Predictor:
+        """A predictor over a model in memory, where it is (generation metrics while training), with
+        its processor (a copy: its own limits, no volume cache); the caller sets train / eval mode."""
+        import copy
+
         predictor = cls.__new__(cls)
         predictor.model_dir = Path(name)
-        predictor._attach(model, tokenizer, image_processor, feature_cache_size, max_voxels, max_pixels)
+        predictor._attach(model, copy.copy(processor), feature_cache_size, max_voxels, max_pixels)
         return predictor
 
-    def _attach(self, model, tokenizer, image_processor, feature_cache_size: int, max_voxels: int,
-                max_pixels: int) -> None:
-        from medmvl_cli.config.schema import VolumeConfig
-        from medmvl_cli.data.media import MediaLoader
-        from medmvl_cli.data.templates import get_template
-        from medmvl_cli.engine.stages import placeholder_lengths
-
-        self.model, self.tokenizer = model, tokenizer
+    def _attach(self, model, processor, feature_cache_size: int, max_voxels: int, max_pixels: int) -> None:
+        self.model, self.processor = model, processor.set_limits(max_voxels, max_pixels)
         self.device = next(model.parameters()).device
-        self.template = get_template(self.model.config.template)
-        self.stop_token_ids = self.template.stop_token_ids(self.tokenizer)
-        # Llama-style tokenizers have no pad token; any id does, the attention mask hides it.
-        pad = self.tokenizer.pad_token_id
-        self.pad_token_id = pad if pad is not None else (self.stop_token_ids or [0])[0]
-        config = self.model.config
-        self.media = MediaLoader(
-            image_processor=image_processor,
-            image_window=config.image.get("window") if config.image else None,
-            volume_config=VolumeConfig.model_validate(config.image3d["volume"]) if config.image3d else None,
-            train=False, max_voxels=max_voxels, max_pixels=max_pixels,
-        )
-        self.placeholder_lengths = placeholder_lengths(self.model)
         self._volume_features: OrderedDict = OrderedDict()
         self._cache_size = feature_cache_size
         self.cache_hits = 0
@@ -189,16 +117,17 @@ class Predictor:
     def name(self) -> str:
         return self.model_dir.parent.name if self.model_dir.name == "model" else self.model_dir.name
 
+    @property
+    def tokenizer(self):
+        return self.processor.tokenizer
+
+    @property
+    def placeholder_lengths(self) -> dict[str, int]:
+        return self.processor.tokens
+
     def prompt_ids(self, messages: list[dict]) -> list[int]:
         """The prompt's token ids; a turn too long to tokenise for the model raises DataError first."""
-        texts = (m.get("content") for m in messages)
-        overlong = overlong_turn((t for t in texts if isinstance(t, str)), self.model.config.max_length)
-        if overlong is not None:
-            raise DataError(f"the question: {overlong}",
-                            hint="shorten the prompt; the model reads at most "
-                                 f"{self.model.config.max_length} tokens")
-        return self.template.encode(self.tokenizer, messages, self.placeholder_lengths,
-                                    add_generation_prompt=True).input_ids
+        return self.processor(messages, add_generation_prompt=True)["input_ids"][0].tolist()
 
     def clear_feature_cache(self) -> None:
         """Forget the cached volume features and the stored prompt prefixes."""
@@ -215,7 +144,7 @@ class Predictor:
         fresh = {}
         if missing:
             path_of = dict(zip(keys, paths))
-            volumes = self.media.volumes([path_of[k] for k in missing]).to(self.device, self.model.dtype)
+            volumes = self.processor.volumes([path_of[k] for k in missing]).to(self.device, self.model.dtype)
             with torch.no_grad():
                 features = self.model.encode_volumes(volumes)
             self.volumes_encoded += len(missing)
@@ -236,7 +165,7 @@ class Predictor:
         """Answers for a batch of requests (left-padded), in order."""
         output, _ = self.generate_ids(requests, settings, streamer=streamer, use_feature_cache=use_feature_cache,
                                       reuse_prefix=reuse_prefix)
-        return [self.tokenizer.decode(row, skip_special_tokens=True).strip() for row in output]
+        return self.processor.batch_decode(output)
 
     def generate_ids(self, requests: Sequence[Request], settings: GenerationSettings, streamer=None,
                      use_feature_cache: bool = True, stopping_criteria=None, reuse_prefix: bool = False):
@@ -249,16 +178,22 @@ class Predictor:
 
         from medmvl_cli.inference.prefix_cache import generate_with_plan, plan_shared_prefixes
 
-        prompts = [self.prompt_ids(r.messages) for r in requests]
-        longest = max(len(p) for p in prompts)
-        input_ids = torch.full((len(prompts), longest), self.pad_token_id, dtype=torch.long)
-        attention_mask = torch.zeros_like(input_ids)
-        for row, prompt in enumerate(prompts):
-            input_ids[row, longest - len(prompt):] = torch.tensor(prompt)
-            attention_mask[row, longest - len(prompt):] = 1
-        input_ids, attention_mask = input_ids.to(self.device), attention_mask.to(self.device)
-        media = self._media_inputs(requests, use_feature_cache)
-        generation = settings.kwargs(self.pad_token_id, self.stop_token_ids)
+        images = [p for r in requests for p in r.images]
+        volumes = [p for r in requests for p in r.volumes]
+        inputs = self.processor([r.messages for r in requests], images=images,
+                                volumes=() if use_feature_cache else volumes, add_generation_prompt=True)
+        attention_mask = inputs["attention_mask"]
+        prompts = [row[mask.bool()].tolist() for row, mask in zip(inputs["input_ids"], attention_mask)]
+        input_ids, attention_mask = inputs["input_ids"].to(self.device), attention_mask.to(self.device)
+        media = {}
+        if "pixel_values" in inputs:
+            media["pixel_values"] = inputs["pixel_values"].to(self.device, self.model.dtype)
+        if volumes and use_feature_cache:
+            media["volume_embeds"] = self._volume_embeds(volumes, [k for r in requests for k in r.feature_keys()])
+        elif volumes:
+            media["volumes"] = inputs["volumes"].to(self.device, self.model.dtype)
+            self.volumes_encoded += len(volumes)
+        generation = settings.kwargs(self.processor.pad_token_id, self.processor.stop_token_ids)
         if stopping_criteria is not None:
             generation["stopping_criteria"] = stopping_criteria
         plan = None
@@ -274,23 +209,6 @@ class Predictor:
                 output = generate_with_plan(self.model, plan, self.model.embed_inputs(input_ids, **media), attention_mask,
                                             self._prefix_store, prompts, streamer=streamer, **generation)
         return output, [len(p) for p in prompts]
-
-    def _media_inputs(self, requests: Sequence[Request], use_feature_cache: bool) -> dict:
-        """The batch's images (`pixel_values`) and volumes (`volume_embeds` from the feature cache,
-        else `volumes`), in placeholder order."""
-        images = [p for r in requests for p in r.images]
-        volumes = [p for r in requests for p in r.volumes]
-        media = {}
-        if images:
-            media["pixel_values"] = self.media.images(images).to(self.device, self.model.dtype)
-        if volumes:
-            if use_feature_cache:
-                keys = [k for r in requests for k in r.feature_keys()]
-                media["volume_embeds"] = self._volume_embeds(volumes, keys)
-            else:
-                media["volumes"] = self.media.volumes(volumes).to(self.device, self.model.dtype)
-                self.volumes_encoded += len(volumes)
-        return media
 
     @staticmethod
     def _media_key(request: Request) -> tuple:

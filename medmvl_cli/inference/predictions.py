@@ -17,13 +17,12 @@ import json
 import logging
 import os
 from collections import Counter
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Optional
 
+from medmvl_cli.constants import IMAGE_PLACEHOLDER, VOLUME_PLACEHOLDER
 from medmvl_cli.data.annotations import (
-    IMAGE_PLACEHOLDER,
-    VOLUME_PLACEHOLDER,
     AnnotationFile,
     Record,
     default_root,
@@ -42,7 +41,7 @@ ROW_KEYS = ("id", "prompt", "prediction", "answer", "question_type", "image", "i
 class Question:
     record: Record
     request: Request
-    reference: Optional[str]
+    reference: str | None
     prompt: str
 
 
@@ -148,7 +147,7 @@ def predict_file(
     predictor: Predictor, annotations: Path, out: Path, settings: GenerationSettings, *,
     image_root=None, volume_root=None, batch_size: int = 8, overwrite: bool = False,
     use_feature_cache: bool = True, reuse_prefix: bool = True,
-    on_progress: Optional[Callable[[int, int], None]] = None,
+    on_progress: Callable[[int, int], None] | None = None,
 ) -> dict:
     """Answer every record of `annotations` into `out`; returns counts {asked, skipped, errors}."""
     annotations, out = Path(annotations), Path(out)
@@ -213,7 +212,7 @@ def _append(sink, rows: list[dict], out: Path) -> None:
                             then="run the same command again to answer the rest (rows written so far are kept)") from None
 
 
-def _row(question: Question, model_name: str, prediction: Optional[str] = None, error: Optional[str] = None) -> dict:
+def _row(question: Question, model_name: str, prediction: str | None = None, error: str | None = None) -> dict:
     record = question.record
     row = {
         "id": record.id, "prompt": question.prompt, "prediction": prediction, "answer": question.reference,

@@ -18,12 +18,11 @@ the keys it attends to and hence the answer it has in the plain left-padded batc
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
-from typing import Hashable, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
-
 
 Layers = list[tuple]  # per LLM layer: (keys, values), each (1, kv_heads, P, head_dim)
 
@@ -37,7 +36,7 @@ class PrefixStore:
         self.size = size
         self._entries: OrderedDict[Hashable, tuple[list[int], Layers]] = OrderedDict()
 
-    def lookup(self, key: Hashable, prompts: list[Sequence[int]]) -> Optional[tuple[int, Layers]]:
+    def lookup(self, key: Hashable, prompts: list[Sequence[int]]) -> tuple[int, Layers] | None:
         """(P, its layers) for the longest stored run of ids that every prompt starts with, less
         at least one token per prompt; None when there is none."""
         if key not in self._entries:
@@ -69,7 +68,7 @@ class PrefixPlan:
     prefix_lengths: list[int]
     first_row: list[int]
     keys: list[Hashable]
-    stored: list[Optional[Layers]]
+    stored: list[Layers | None]
 
     def tokens_saved(self) -> int:
         """Prefix tokens not computed again: each group's prefix once per row, less once for the
@@ -79,7 +78,7 @@ class PrefixPlan:
 
 
 def plan_shared_prefixes(prompts: Sequence[Sequence[int]], media: Sequence[Hashable],
-                         store: Optional[PrefixStore] = None) -> Optional[PrefixPlan]:
+                         store: PrefixStore | None = None) -> PrefixPlan | None:
     """A plan when some rows with media (a non-empty key) share it and a prefix, or a `store`
     holds a prefix of theirs or will keep one; None otherwise (the plain batch is as fast)."""
     groups: dict[Hashable, list[int]] = {}
@@ -151,13 +150,13 @@ def _batch_cache(model, per_group: list[Layers], plan: PrefixPlan, rows):
     return cache
 
 
-def generate_with_plan(model, plan: PrefixPlan, inputs_embeds, attention_mask, store: Optional[PrefixStore] = None,
-                       prompts: Optional[Sequence[Sequence[int]]] = None, **generation_kwargs):
+def generate_with_plan(model, plan: PrefixPlan, inputs_embeds, attention_mask, store: PrefixStore | None = None,
+                       prompts: Sequence[Sequence[int]] | None = None, **generation_kwargs):
     """(B, new) generated ids for the left-padded batch `inputs_embeds` (B, L, width) /
     `attention_mask` (B, L), each group's prefix prefilled once or taken from `store` (see the
     module doc); the prefixes prefilled are kept in `store` (with their ids from `prompts`)."""
     lengths = attention_mask.sum(-1).tolist()  # rows are left-padded: row r's tokens are its last lengths[r]
-    per_group: list[Optional[Layers]] = list(plan.stored)
+    per_group: list[Layers | None] = list(plan.stored)
     fresh = [g for g, layers in enumerate(per_group) if layers is None]
     if fresh:
         for g, layers in zip(fresh, _prefill_groups(model, plan, fresh, inputs_embeds, lengths)):

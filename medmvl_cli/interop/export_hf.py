@@ -15,7 +15,7 @@ causal LM whose output head has no bias) is written as `LlavaForConditionalGener
 - the tokenizer (with `<image>`), the processor (`patch_size`, `num_additional_image_tokens`,
   `vision_feature_select_strategy`) and our chat template (`jinja` of the run's template).
 
-`transformers4=True` writes what transformers 4.x loads instead (see `hf_transformers4.py`).
+`transformers4=True` writes what transformers 4.x loads instead (see `llava_transformers4.py`).
 Anything that is not LLaVA (a 3D branch, pooling connectors, depth != 2, no GELU) is refused with
 every reason listed.
 """
@@ -25,16 +25,16 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import torch
 
+from medmvl_cli.constants import IMAGE_PLACEHOLDER
 from medmvl_cli.errors import ModelError
 
 logger = logging.getLogger(__name__)
 
 LLAVA_ENCODERS = ("clip", "siglip")
-IMAGE_TOKEN = "<image>"
 SHARD_SIZE = "2GB"
 
 
@@ -158,29 +158,28 @@ def write_weights(state: dict[str, torch.Tensor], folder: Path) -> None:
 
 
 def export_hf_llava(model_dir: Path, out: Path, *, overwrite: bool = False, transformers4: bool = False,
-                    dtype: Optional[str] = None) -> Path:
+                    dtype: str | None = None) -> Path:
     """Write the LLaVA folder of the medmvl model in `model_dir` to `out` (atomically); returns `out`."""
     from transformers import GenerationConfig, LlavaProcessor
 
-    from medmvl_cli.data.templates import get_template
-    from medmvl_cli.interop.export_medmvl import saved_dtype
-    from medmvl_cli.interop.hf_transformers4 import convert_folder_for_transformers4
+    from medmvl_cli.inference.load import load
+    from medmvl_cli.interop.export_native import saved_dtype
+    from medmvl_cli.interop.llava_transformers4 import convert_folder_for_transformers4
     from medmvl_cli.interop.staging import EXPORT, check_output, staged_folder, write_export_manifest
-    from medmvl_cli.model.builder import load_model
 
     check_output(Path(out), overwrite, EXPORT)  # before the slow load
-    model, tokenizer, image_processor = load_model(model_dir, dtype=dtype or saved_dtype(model_dir), merge_lora=True)
+    model, ours = load(model_dir, dtype=dtype or saved_dtype(model_dir), device=None, merge_lora=True)
+    tokenizer, image_processor, template = ours.tokenizer, ours.image_processor, ours.template
     check_llava(model, model_dir)
-    if model.image_window():
+    if ours.image_window:
         logger.warning("the model windows DICOM images to %s before its processor; LLaVA's processor takes RGB "
-                       "images: window DICOM files the same way first", list(model.image_window()))
-    image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+                       "images: window DICOM files the same way first", list(ours.image_window))
+    image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_PLACEHOLDER)
     if image_token_id != model.config.image_token_id:
         raise ModelError(
             f"{model_dir}: the tokenizer's <image> id is {image_token_id} but the model's is {model.config.image_token_id}",
             hint="the model folder is inconsistent; export from the run's own model/ folder",
         )
-    template = get_template(model.config.template)
     chat_template = template.jinja(tokenizer)
     tokenizer.chat_template = chat_template
     encoder = model.config.image["encoder"]
@@ -188,7 +187,7 @@ def export_hf_llava(model_dir: Path, out: Path, *, overwrite: bool = False, tran
     processor = LlavaProcessor(
         image_processor=image_processor, tokenizer=tokenizer, chat_template=chat_template,
         patch_size=int(encoder["vision_config"]["patch_size"]), vision_feature_select_strategy=strategy,
-        num_additional_image_tokens=additional, image_token=IMAGE_TOKEN,
+        num_additional_image_tokens=additional, image_token=IMAGE_PLACEHOLDER,
     )
     with staged_folder(out, overwrite, EXPORT) as staging:
         (staging / "config.json").write_text(json.dumps(llava_config_dict(model, image_token_id), indent=2) + "\n")

@@ -13,14 +13,14 @@ import logging
 import os
 import shutil
 import uuid
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Optional
 
 from medmvl_cli import __version__
-from medmvl_cli.engine import run_folder
 from medmvl_cli.errors import MedmvlError, RunError, is_disk_error, write_failure
+from medmvl_cli.runs import folder as run_folder
 
 logger = logging.getLogger(__name__)
 
@@ -35,7 +35,7 @@ class Ownership:
 
     marker: str
     what: str
-    owned: Callable[[Path], Optional[set[str]]]
+    owned: Callable[[Path], set[str] | None]
 
 
 def check_output(out: Path, overwrite: bool, ownership: Ownership, flag: str = "--out") -> None:
@@ -97,7 +97,7 @@ def write_export_manifest(folder: Path) -> None:
     (folder / EXPORT_MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n", encoding="utf-8")
 
 
-def export_entries(folder: Path) -> Optional[set[str]]:
+def export_entries(folder: Path) -> set[str] | None:
     """The top-level names an export wrote into `folder` (from its manifest), or None without one."""
     try:
         manifest = json.loads((folder / EXPORT_MANIFEST).read_text(encoding="utf-8"))

@@ -2,10 +2,12 @@
 
 - `build_model(recipe)`: loads the LLM and the encoders from their folders / presets, adds the
   placeholder tokens, sizes the connectors, and returns (model, tokenizer, image processor or None).
-- `save_model(model, folder, tokenizer, image_processor)`: the self-contained folder a run's
-  `model/` is: config.json (+ volume preprocessing), safetensors, tokenizer with its chat template,
-  the 2D image processor, `llm_adapter/` for a LoRA-wrapped LLM.
-- `load_model(folder)`: the same triple back, with no path to the original folders.
+- `save_model(model, folder, processor)`: the self-contained folder a run's `model/` is:
+  config.json (the architecture), safetensors, `llm_adapter/` for a LoRA-wrapped LLM, and the
+  processor's files (`data.processor.MedmvlProcessor.save_pretrained`: tokenizer with its chat
+  template, the 2D image processor, `processor_config.json`).
+- `load_model(folder)`: the model back, with no path to the original folders (its processor:
+  `MedmvlProcessor.from_pretrained(folder)`; both at once: `medmvl_cli.load`).
 
 Which parts train is set afterwards by `trainable.apply_trainable` (and `apply_lora`).
 """
@@ -14,19 +16,17 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import torch
 
+from medmvl_cli.constants import IMAGE_PLACEHOLDER, VOLUME_PLACEHOLDER
 from medmvl_cli.errors import ModelError
-from medmvl_cli.model.weight_files import check_safetensors
-from medmvl_cli.model.configuration import MedmvlConfig, register
+from medmvl_cli.model.configuration import PROCESSOR_CONFIG, MedmvlConfig, register
 from medmvl_cli.model.encoders import encoder_from_recipe
 from medmvl_cli.model.encoders.base import mark_loaded
 from medmvl_cli.model.encoders.hf_tower import image_processor_from_arch, tower_folder
 from medmvl_cli.model.llm import (
-    IMAGE3D_TOKEN,
-    IMAGE_TOKEN,
     check_attn_implementation,
     encoder_attn_implementation,
     ensure_placeholder_tokens,
@@ -36,15 +36,18 @@ from medmvl_cli.model.llm import (
     resolve_dtype,
 )
 from medmvl_cli.model.lvlm import MedmvlForConditionalGeneration
+from medmvl_cli.model.weight_files import check_safetensors
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_SHARD_SIZE = "2GB"
+# config.json keys of folders saved before the processor had its own file.
+LEGACY_DATA_KEYS = ("template", "max_length")
 
 
 def build_model(
     recipe: Any, *, dtype: str | torch.dtype | None = None
-) -> tuple[MedmvlForConditionalGeneration, Any, Optional[Any]]:
+) -> tuple[MedmvlForConditionalGeneration, Any, Any | None]:
     """(model, tokenizer, image processor of the 2D branch or None) for a validated recipe
     (`load_recipe`). `dtype` overrides `model.llm.dtype` (e.g. float32 master weights for mixed
     precision training). With `init_from`, the earlier run's model is loaded instead (a LoRA
@@ -67,10 +70,8 @@ def build_model(
         text_config=llm.config,
         image=settings.get("image"),
         image3d=settings.get("image3d"),
-        image_token_id=token_ids[IMAGE_TOKEN],
-        image3d_token_id=token_ids[IMAGE3D_TOKEN],
-        template=spec.llm.template,
-        max_length=spec.llm.max_length,
+        image_token_id=token_ids[IMAGE_PLACEHOLDER],
+        image3d_token_id=token_ids[VOLUME_PLACEHOLDER],
         # Without it the config would reset the shared LLM config's attention kernel to None.
         attn_implementation=attn,
     )
@@ -93,7 +94,7 @@ def materialise_presets(recipe: Any) -> None:
             tower_folder(branch.encoder)
 
 
-def _load_encoders(spec: Any, attn_implementation: str) -> tuple[dict[str, Any], dict[str, dict], Optional[Any]]:
+def _load_encoders(spec: Any, attn_implementation: str) -> tuple[dict[str, Any], dict[str, dict], Any | None]:
     """The recipe's encoders by branch, their saved settings, and the 2D image processor (or None)."""
     settings: dict[str, dict] = {}
     encoders: dict[str, Any] = {}
@@ -102,20 +103,12 @@ def _load_encoders(spec: Any, attn_implementation: str) -> tuple[dict[str, Any],
         encoder = encoder_from_recipe(spec.image.encoder, attn_implementation=attn_implementation)
         image_processor = getattr(encoder, "image_processor", None) or image_processor_from_arch(encoder.arch)
         encoders["image"] = encoder
-        settings["image"] = {
-            "encoder": encoder.arch,
-            "connector": spec.image.connector.model_dump(mode="json"),
-            "window": list(spec.image.window) if spec.image.window else None,
-        }
+        settings["image"] = {"encoder": encoder.arch, "connector": spec.image.connector.model_dump(mode="json")}
     if spec.image3d is not None:
         encoder = encoder_from_recipe(spec.image3d.encoder, volume=spec.image3d.volume,
                                       attn_implementation=attn_implementation)
         encoders["image3d"] = encoder
-        settings["image3d"] = {
-            "encoder": encoder.arch,
-            "connector": spec.image3d.connector.model_dump(mode="json"),
-            "volume": spec.image3d.volume.model_dump(mode="json"),
-        }
+        settings["image3d"] = {"encoder": encoder.arch, "connector": spec.image3d.connector.model_dump(mode="json")}
     return encoders, settings, image_processor
 
 
@@ -134,15 +127,15 @@ def log_summary(model: MedmvlForConditionalGeneration) -> None:
 def save_model(
     model: MedmvlForConditionalGeneration,
     folder: str | Path,
-    tokenizer: Any = None,
-    image_processor: Any = None,
+    processor: Any = None,
     *,
     max_shard_size: str | int = DEFAULT_SHARD_SIZE,
-    state_dict: Optional[dict] = None,
+    state_dict: dict | None = None,
     dtype: str | torch.dtype | None = None,
 ) -> Path:
     """Write the self-contained model folder (see module docstring); returns it.
 
+    `processor`: the model's `MedmvlProcessor` (anything with `save_pretrained`), saved beside it.
     `state_dict`: the weights to write instead of the model's own (e.g. gathered from DeepSpeed
     ZeRO-3; same keys as `model.state_dict()`). `dtype`: store floating-point weights in this dtype
     (e.g. bfloat16 after float32 training); None keeps the model's."""
@@ -157,12 +150,8 @@ def save_model(
     if state_dict is not None:
         kwargs["state_dict"] = state_dict
     model.save_pretrained(folder, **kwargs)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(folder)
-    if image_processor is None and model.config.image is not None:
-        image_processor = image_processor_from_arch(model.config.image["encoder"])
-    if image_processor is not None:
-        image_processor.save_pretrained(folder)
+    if processor is not None:
+        processor.save_pretrained(folder)
     logger.info("saved the model to %s", folder)
     return folder
 
@@ -174,12 +163,9 @@ def load_model(
     attn_implementation: str = "sdpa",
     adapter_trainable: bool = False,
     merge_lora: bool = False,
-) -> tuple[MedmvlForConditionalGeneration, Any, Optional[Any]]:
-    """(model, tokenizer, image processor or None) from a folder written by `save_model`.
-    A LoRA adapter in the folder comes back on the LLM (trainable if `adapter_trainable`), or
-    merged into its weights with `merge_lora`."""
-    from transformers import AutoTokenizer
-
+) -> MedmvlForConditionalGeneration:
+    """The model in a folder written by `save_model`. A LoRA adapter in the folder comes back on
+    the LLM (trainable if `adapter_trainable`), or merged into its weights with `merge_lora`."""
     folder = Path(folder)
     if not (folder / "config.json").is_file():
         raise ModelError(
@@ -199,24 +185,43 @@ def load_model(
         str(folder), dtype=resolve_dtype(dtype), attn_implementation=check_attn_implementation(attn_implementation),
         adapter_trainable=adapter_trainable,
     )
+    drop_legacy_settings(model.config)
     if merge_lora and is_peft_model(model.llm):
         model.llm = model.llm.merge_and_unload()
         model.config.llm_adapter = None
         logger.info("merged the LoRA adapter of %s into the LLM", folder)
-    tokenizer = AutoTokenizer.from_pretrained(str(folder))
-    image_processor = None
-    if model.config.image is not None:
-        image_processor = _load_image_processor(folder, model.config.image["encoder"])
-    return model, tokenizer, image_processor
+    return model
 
 
-def _load_image_processor(folder: Path, arch: dict):
-    from transformers import AutoImageProcessor
+def load_tokenizer_and_image_processor(folder: str | Path, config: Any) -> tuple[Any, Any | None]:
+    """The tokenizer and (with a 2D branch) the image processor saved beside a model; `config`: its
+    `MedmvlConfig`, or config.json as a dict."""
+    from transformers import AutoImageProcessor, AutoTokenizer
 
+    folder = Path(folder)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(folder))
+    except (OSError, ValueError) as err:
+        raise ModelError(f"{folder}: cannot load the tokenizer ({err})",
+                         hint="point at a model folder written by medmvl (tokenizer files beside config.json)") from None
+    image = config.get("image") if isinstance(config, dict) else config.image
+    if image is None:
+        return tokenizer, None
     if (folder / "preprocessor_config.json").is_file():
-        return AutoImageProcessor.from_pretrained(str(folder))
+        return tokenizer, AutoImageProcessor.from_pretrained(str(folder))
     logger.warning("%s has no preprocessor_config.json: rebuilding the image processor from config.json", folder)
-    return image_processor_from_arch(arch)
+    return tokenizer, image_processor_from_arch(image["encoder"])
+
+
+def drop_legacy_settings(config: MedmvlConfig) -> None:
+    """Forget the data-side keys a config.json saved before `processor_config.json` held (the
+    processor reads them from the file); the config keeps the architecture alone."""
+    for key in LEGACY_DATA_KEYS:
+        config.__dict__.pop(key, None)
+    for branch, key in (("image", "window"), ("image3d", "volume")):
+        settings = config.branch(branch)
+        if settings is not None:
+            settings.pop(key, None)
 
 
 def _from_earlier_run(recipe: Any, dtype: str | torch.dtype | None = None):
@@ -228,10 +233,12 @@ def _from_earlier_run(recipe: Any, dtype: str | torch.dtype | None = None):
             hint="run the earlier stage first (e.g. medmvl pretrain), or fix init_from",
         )
     spec = recipe.model
-    model, tokenizer, image_processor = load_model(
+    saved_size = saved_volume_size(folder)
+    model = load_model(
         folder, dtype=dtype if dtype is not None else spec.llm.dtype,
         attn_implementation=spec.llm.attn_implementation, merge_lora=True,
     )
+    tokenizer, image_processor = load_tokenizer_and_image_processor(folder, model.config)
     for branch in ("image", "image3d"):
         wanted, saved = getattr(spec, branch), model.config.branch(branch)
         if (wanted is None) != (saved is None):
@@ -249,15 +256,26 @@ def _from_earlier_run(recipe: Any, dtype: str | torch.dtype | None = None):
                     f"model has {saved[part]['type']!r}",
                     hint="init_from needs the same encoders and connectors as the earlier run",
                 )
-        if branch == "image3d" and list(wanted.volume.size) != list(saved["volume"]["size"]):
+        if branch == "image3d" and saved_size is not None and list(wanted.volume.size) != list(saved_size):
             raise ModelError(
                 f"init_from {folder}: model.image3d.volume.size is {list(wanted.volume.size)} but the earlier model "
-                f"was trained on {saved['volume']['size']}",
+                f"was trained on {list(saved_size)}",
                 hint="keep the volume size of the earlier run",
             )
-    model.config.template = spec.llm.template
-    model.config.max_length = spec.llm.max_length
-    if spec.image3d is not None:
-        model.config.image3d["volume"] = spec.image3d.volume.model_dump(mode="json")
     logger.info("init_from: starting from the weights of %s", folder)
     return model, tokenizer, image_processor
+
+
+def saved_volume_size(folder: Path) -> list | None:
+    """The volume size a saved model was trained on: `processor_config.json`'s, or (folders saved
+    before it existed) `config.json`'s; None without a 3D branch."""
+    import json
+
+    for name, keys in ((PROCESSOR_CONFIG, ("volume",)), ("config.json", ("image3d", "volume"))):
+        path = folder / name
+        if path.is_file():
+            value: Any = json.loads(path.read_text(encoding="utf-8"))
+            for key in keys:
+                value = value.get(key) if isinstance(value, dict) else None
+            return value.get("size") if isinstance(value, dict) else None
+    return None

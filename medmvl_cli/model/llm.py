@@ -6,18 +6,15 @@ from __future__ import annotations
 import importlib.util
 import logging
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import torch
 
+from medmvl_cli.constants import PLACEHOLDERS
 from medmvl_cli.errors import ModelError
 from medmvl_cli.model.weight_files import check_safetensors
 
 logger = logging.getLogger(__name__)
-
-IMAGE_TOKEN = "<image>"
-IMAGE3D_TOKEN = "<image3d>"
-PLACEHOLDERS = (IMAGE_TOKEN, IMAGE3D_TOKEN)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -108,7 +105,7 @@ def ensure_placeholder_tokens(tokenizer, llm) -> dict[str, int]:
     return ids
 
 
-def is_peft_model(module: Optional[torch.nn.Module]) -> bool:
+def is_peft_model(module: torch.nn.Module | None) -> bool:
     try:
         from peft import PeftModel
     except ImportError:  # pragma: no cover - peft is a dependency

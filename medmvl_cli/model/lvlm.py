@@ -17,20 +17,17 @@ import math
 import re
 from collections import OrderedDict
 from pathlib import Path
-from typing import Optional
 
 import torch
 from torch import nn
 from transformers import PreTrainedModel
 from transformers import initialization as init
 
+from medmvl_cli.constants import BRANCH_PLACEHOLDERS, IGNORE_INDEX
 from medmvl_cli.errors import ModelError
 from medmvl_cli.model.configuration import MedmvlConfig
 from medmvl_cli.model.connectors import build_connector
-from medmvl_cli.model.connectors.attention_pooling import AttentionPoolingConnector
 from medmvl_cli.model.encoders import Encoder, encoder_from_arch
-from medmvl_cli.model.encoders.medm_clip import MedmClipViT
-from medmvl_cli.model.encoders.monai_vit import MonaiViT3d
 from medmvl_cli.model.llm import encoder_attn_implementation, is_peft_model
 
 logger = logging.getLogger(__name__)
@@ -38,7 +35,6 @@ logger = logging.getLogger(__name__)
 BRANCHES = ("image", "image3d")
 COMPONENTS = ("llm", "image_encoder", "image_connector", "image3d_encoder", "image3d_connector")
 ADAPTER_DIR = "llm_adapter"
-IGNORE_INDEX = -100
 _LORA_KEY = re.compile(r"(^|\.)lora_[^.]*(\.|$)")
 
 
@@ -54,7 +50,8 @@ class MedmvlPreTrainedModel(PreTrainedModel):
 
     def _init_weights(self, module: nn.Module) -> None:
         # Only medmvl's own modules land here (connectors, 3D encoders); the LLM and the HF
-        # vision towers are PreTrainedModels and initialise themselves.
+        # vision towers are PreTrainedModels and initialise themselves. A module with an
+        # `init_own_weights(std)` method initialises what only it knows about.
         std = 0.02
         if isinstance(module, nn.Linear):
             # PyTorch's fan-in scaled default, as LLaVA's projector gets: a fixed std of 0.02 shrinks
@@ -71,24 +68,10 @@ class MedmvlPreTrainedModel(PreTrainedModel):
             init.xavier_uniform_(module.in_proj_weight)
             if module.in_proj_bias is not None:
                 init.zeros_(module.in_proj_bias)
-        elif isinstance(module, AttentionPoolingConnector):
-            init.normal_(module.query, mean=0.0, std=std)
-        elif isinstance(module, MonaiViT3d):
-            # The ViT init (MONAI's, timm's): every linear layer N(0, 0.02), biases zero. Runs after
-            # the children's fan-in init above. With the fan-in init the blocks' residual branches
-            # start ~3x larger than the patch embedding and add one vector common to all tokens
-            # (attention at init averages them), burying the per-patch signal at the selected layer.
-            for linear in module.modules():
-                if isinstance(linear, nn.Linear):
-                    init.trunc_normal_(linear.weight, mean=0.0, std=std, a=-2.0, b=2.0)
-                    if linear.bias is not None:
-                        init.zeros_(linear.bias)
-            init.trunc_normal_(module.patch_embedding.position_embeddings, mean=0.0, std=std, a=-2.0, b=2.0)
-            if hasattr(module, "cls_token"):
-                init.zeros_(module.cls_token)
-        elif isinstance(module, MedmClipViT):
-            init.normal_(module.pos_embedding, mean=0.0, std=std)
-            init.normal_(module.cls_token, mean=0.0, std=std)
+        elif hasattr(module, "init_own_weights"):
+            # An encoder or connector with parameters of its own (a query, position embeddings)
+            # or its own init scheme; it runs after its children's init above.
+            module.init_own_weights(std)
 
 
 class MedmvlForConditionalGeneration(MedmvlPreTrainedModel):
@@ -98,9 +81,9 @@ class MedmvlForConditionalGeneration(MedmvlPreTrainedModel):
     def __init__(
         self,
         config: MedmvlConfig,
-        llm: Optional[nn.Module] = None,
-        image_encoder: Optional[Encoder] = None,
-        image3d_encoder: Optional[Encoder] = None,
+        llm: nn.Module | None = None,
+        image_encoder: Encoder | None = None,
+        image3d_encoder: Encoder | None = None,
     ):
         super().__init__(config)
         if llm is None:
@@ -125,7 +108,7 @@ class MedmvlForConditionalGeneration(MedmvlPreTrainedModel):
         self.post_init()
 
     # ------------------------------------------------------------------------------ structure
-    def components(self) -> "OrderedDict[str, nn.Module]":
+    def components(self) -> OrderedDict[str, nn.Module]:
         """name -> module for llm, image_encoder, image_connector, image3d_encoder, image3d_connector
         (absent branches omitted)."""
         parts = OrderedDict()
@@ -134,25 +117,6 @@ class MedmvlForConditionalGeneration(MedmvlPreTrainedModel):
             if module is not None:
                 parts[name] = module
         return parts
-
-    def has_branch(self, branch: str) -> bool:
-        """Whether the model has the `image` (2D) or `image3d` (3D) branch."""
-        if branch not in BRANCHES:
-            raise ModelError(f"unknown branch {branch!r}", hint="use image or image3d")
-        return getattr(self, f"{branch}_encoder") is not None
-
-    def image_window(self) -> Optional[tuple[float, float]]:
-        """The DICOM window of the 2D branch (None: the file's own, or no 2D branch)."""
-        window = (self.config.image or {}).get("window")
-        return tuple(window) if window else None
-
-    def volume_config(self):
-        """The 3D branch's volume preprocessing as the recipe's `VolumeConfig` (None without it)."""
-        if self.config.image3d is None:
-            return None
-        from medmvl_cli.config.schema import VolumeConfig
-
-        return VolumeConfig.model_validate(self.config.image3d["volume"])
 
     def num_tokens(self, branch: str) -> int:
         """LLM tokens one image (`image`) or one volume (`image3d`) becomes: the number of
@@ -170,7 +134,7 @@ class MedmvlForConditionalGeneration(MedmvlPreTrainedModel):
     def set_input_embeddings(self, value: nn.Module) -> None:
         self.llm.set_input_embeddings(value)
 
-    def get_output_embeddings(self) -> Optional[nn.Module]:
+    def get_output_embeddings(self) -> nn.Module | None:
         return self.llm.get_output_embeddings()
 
     # ------------------------------------------------------------------------------ features
@@ -197,11 +161,11 @@ class MedmvlForConditionalGeneration(MedmvlPreTrainedModel):
     def embed_inputs(
         self,
         input_ids: torch.Tensor,
-        pixel_values: Optional[torch.Tensor] = None,
-        volumes: Optional[torch.Tensor] = None,
-        image_embeds: Optional[torch.Tensor] = None,
-        volume_embeds: Optional[torch.Tensor] = None,
-        inputs_embeds: Optional[torch.Tensor] = None,
+        pixel_values: torch.Tensor | None = None,
+        volumes: torch.Tensor | None = None,
+        image_embeds: torch.Tensor | None = None,
+        volume_embeds: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """(B, L) ids (+ media) -> (B, L, llm_width) embeddings with features at the placeholders.
 
@@ -226,7 +190,7 @@ class MedmvlForConditionalGeneration(MedmvlPreTrainedModel):
                 per_item = embeds.shape[1] if embeds is not None else self.num_tokens(branch)
                 n_features = n_items * per_item
             if n_tokens != n_features:
-                token = "<image>" if branch == "image" else "<image3d>"
+                token = BRANCH_PLACEHOLDERS[branch]
                 raise ModelError(
                     f"{branch} placeholders and features disagree: {n_tokens} {token} tokens in input_ids but "
                     f"{n_items} {'images' if branch == 'image' else 'volumes'} give {n_features} feature tokens",
@@ -241,16 +205,16 @@ class MedmvlForConditionalGeneration(MedmvlPreTrainedModel):
     # ------------------------------------------------------------------------------ forward
     def forward(
         self,
-        input_ids: Optional[torch.LongTensor] = None,
-        attention_mask: Optional[torch.Tensor] = None,
-        labels: Optional[torch.LongTensor] = None,
-        position_ids: Optional[torch.LongTensor] = None,
-        pixel_values: Optional[torch.Tensor] = None,
-        volumes: Optional[torch.Tensor] = None,
-        image_embeds: Optional[torch.Tensor] = None,
-        volume_embeds: Optional[torch.Tensor] = None,
-        inputs_embeds: Optional[torch.Tensor] = None,
-        use_cache: Optional[bool] = None,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        volumes: torch.Tensor | None = None,
+        image_embeds: torch.Tensor | None = None,
+        volume_embeds: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        use_cache: bool | None = None,
         **kwargs,
     ):
         """input_ids (B, L) with expanded placeholders -> the LLM's CausalLMOutputWithPast
@@ -274,13 +238,13 @@ class MedmvlForConditionalGeneration(MedmvlPreTrainedModel):
     @torch.no_grad()
     def generate(
         self,
-        input_ids: Optional[torch.LongTensor] = None,
-        attention_mask: Optional[torch.Tensor] = None,
-        pixel_values: Optional[torch.Tensor] = None,
-        volumes: Optional[torch.Tensor] = None,
-        image_embeds: Optional[torch.Tensor] = None,
-        volume_embeds: Optional[torch.Tensor] = None,
-        inputs_embeds: Optional[torch.Tensor] = None,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        volumes: torch.Tensor | None = None,
+        image_embeds: torch.Tensor | None = None,
+        volume_embeds: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
         **generation_kwargs,
     ) -> torch.LongTensor:
         """Prompt ids (B, L), left-padded for batches -> (B, new) generated ids (the prompt is not
@@ -310,7 +274,7 @@ class MedmvlForConditionalGeneration(MedmvlPreTrainedModel):
 
     # ------------------------------------------------------------------------------ save / load
     @staticmethod
-    def _plain_key(key: str) -> Optional[str]:
+    def _plain_key(key: str) -> str | None:
         """A state-dict key under the un-wrapped LLM's name; None for LoRA adapter tensors."""
         if not key.startswith("llm."):
             return key
@@ -319,7 +283,7 @@ class MedmvlForConditionalGeneration(MedmvlPreTrainedModel):
             return None
         return "llm." + inner.replace(".base_layer.", ".")
 
-    def _state_dict_without_adapter(self, state: Optional[dict] = None) -> dict[str, torch.Tensor]:
+    def _state_dict_without_adapter(self, state: dict | None = None) -> dict[str, torch.Tensor]:
         """The weights with the LoRA-wrapped LLM's base weights under their plain names."""
         state = self.state_dict() if state is None else state
         plain = {}
@@ -358,46 +322,3 @@ class MedmvlForConditionalGeneration(MedmvlPreTrainedModel):
                 )
             model.llm = PeftModel.from_pretrained(model.llm, str(folder), is_trainable=adapter_trainable)
         return model
-
-    def load_weights_from(self, folder) -> None:
-        """Load the weights of a folder `save_pretrained` wrote into this model, in place (e.g. to
-        resume a run). The architecture must match; a LoRA-wrapped LLM must be wrapped here too
-        (`apply_lora` first) and gets the folder's adapter. Missing or unexpected keys are errors."""
-        from safetensors.torch import load_file
-
-        folder = Path(folder)
-        index = folder / "model.safetensors.index.json"
-        if index.is_file():
-            import json
-
-            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        elif (folder / "model.safetensors").is_file():
-            shards = ["model.safetensors"]
-        else:
-            raise ModelError(f"{folder} holds no model.safetensors", hint="point at a folder written by save_model")
-        saved: dict[str, torch.Tensor] = {}
-        for shard in shards:
-            saved.update(load_file(str(folder / shard)))
-        own = {self._plain_key(k): k for k in self.state_dict()}
-        own.pop(None, None)
-        tied = set(getattr(self, "all_tied_weights_keys", {}) or {})
-        missing = sorted(set(own) - set(saved) - tied)
-        unexpected = sorted(set(saved) - set(own))
-        if missing or unexpected:
-            raise ModelError(
-                f"{folder}: the saved weights do not fit this model (missing: {missing[:5]}, unexpected: {unexpected[:5]})",
-                hint="build the model from the same recipe as the saved one",
-            )
-        self.load_state_dict({own[k]: v for k, v in saved.items()}, strict=False)
-        adapter = folder / ADAPTER_DIR
-        if is_peft_model(self.llm):
-            if not (adapter / "adapter_model.safetensors").is_file():
-                raise ModelError(f"{folder} has no LoRA adapter ({adapter.name}/) but this model's LLM is wrapped")
-            from peft.utils import set_peft_model_state_dict
-
-            result = set_peft_model_state_dict(self.llm, load_file(str(adapter / "adapter_model.safetensors")))
-            if result.unexpected_keys:
-                raise ModelError(f"{adapter}: adapter keys that fit no LoRA layer here: {result.unexpected_keys[:5]}")
-        elif (adapter / "adapter_config.json").is_file():
-            raise ModelError(f"{folder} holds a LoRA adapter but this model's LLM is not wrapped", hint="call apply_lora first")
-        self.tie_weights()

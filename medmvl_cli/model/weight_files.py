@@ -1,11 +1,33 @@
 """A look at weight files before a library reads them: a truncated or corrupt `.safetensors`
-becomes a ModelError naming the file, not a deserialising error from deep inside transformers."""
+becomes a ModelError naming the file, not a deserialising error from deep inside transformers.
+`architecture_only()`: encoders built inside it skip reading their weights (shapes only)."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from pathlib import Path
 
 from medmvl_cli.errors import ModelError
+
+_READ_WEIGHTS: ContextVar[bool] = ContextVar("medmvl_read_weights", default=True)
+
+
+@contextmanager
+def architecture_only() -> Iterator[None]:
+    """Encoders built inside (on the meta device, say) read their folders' configs but not their
+    weights: for what depends on shapes alone, such as the tokens each placeholder expands to."""
+    token = _READ_WEIGHTS.set(False)
+    try:
+        yield
+    finally:
+        _READ_WEIGHTS.reset(token)
+
+
+def reads_weights() -> bool:
+    """False inside `architecture_only()`."""
+    return _READ_WEIGHTS.get()
 
 
 def check_safetensors(folder: str | Path, what: str, hint: str) -> None:

@@ -17,7 +17,6 @@ import uuid
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -38,10 +37,10 @@ DEFAULT_MAX_TOKENS = GenerationSettings().max_new_tokens
 class ServeSettings:
     """How the server treats requests (the CLI's options)."""
 
-    api_key: Optional[str] = None
+    api_key: str | None = None
     max_batch_size: int = 8
     batch_window_s: float = 0.005
-    allowed_local_root: Optional[Path] = None
+    allowed_local_root: Path | None = None
     max_body_bytes: int = 256 << 20
     request_timeout_s: float = 300.0
 
@@ -186,7 +185,7 @@ class _Reply:
             "usage": self.usage(prompt_tokens, completion_tokens), "system_fingerprint": None,
         }
 
-    def chunk(self, delta: dict, finish: Optional[str] = None, usage: Optional[dict] = None, choices: bool = True) -> str:
+    def chunk(self, delta: dict, finish: str | None = None, usage: dict | None = None, choices: bool = True) -> str:
         body = {"id": self.id, "object": "chat.completion.chunk", "created": self.created, "model": self.model,
                 "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}] if choices else [],
                 "system_fingerprint": None}

@@ -15,9 +15,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Callable, Optional
 
 from medmvl_cli.errors import MedmvlError
 from medmvl_cli.inference.generate import GenerationSettings, Predictor, Request
@@ -34,7 +34,7 @@ class Job:
     request: Request
     settings: GenerationSettings
     stop: list[str]
-    seed: Optional[int]
+    seed: int | None
     loop: asyncio.AbstractEventLoop
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     cancelled: threading.Event = field(default_factory=threading.Event)
@@ -128,7 +128,7 @@ class Batcher:
         self.predictor, self.max_batch_size, self.window_s = predictor, max_batch_size, window_s
         self._queue: asyncio.Queue = asyncio.Queue()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="medmvl-model")
-        self._task: Optional[asyncio.Task] = None
+        self._task: asyncio.Task | None = None
         self.batches = 0
         self.largest_batch = 0
 
@@ -202,7 +202,7 @@ class Batcher:
         except MedmvlError as err:
             job.emit("error", err)
             return False
-        limit = int(getattr(self.predictor.model.config, "max_length", 0) or 0)
+        limit = self.predictor.processor.max_length
         if limit and prompt_tokens + job.settings.max_new_tokens > limit:
             job.emit("error", APIError(
                 400, f"the prompt is {prompt_tokens} tokens (images included) and max_tokens "
@@ -221,7 +221,7 @@ class Batcher:
         settings = jobs[0].settings
         longest = max(job.settings.max_new_tokens for job in jobs)
         batch_settings = GenerationSettings(longest, settings.temperature, settings.top_p, 1)
-        tracker = RowTracker(jobs, predictor.tokenizer, predictor.stop_token_ids)
+        tracker = RowTracker(jobs, predictor.tokenizer, predictor.processor.stop_token_ids)
         if jobs[0].seed is not None:
             import torch
 

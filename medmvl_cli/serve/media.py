@@ -23,11 +23,11 @@ import threading
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
 from urllib.parse import unquote, urlparse
 
-from medmvl_cli.data.image_io import IMAGE_SUFFIXES
-from medmvl_cli.data.templates import IMAGE3D_TOKEN, IMAGE_TOKEN, count_placeholders
+from medmvl_cli.constants import IMAGE_PLACEHOLDER, VOLUME_PLACEHOLDER
+from medmvl_cli.data.file_kinds import IMAGE_SUFFIXES
+from medmvl_cli.data.templates import count_placeholders
 from medmvl_cli.inference.generate import Request, file_identity
 from medmvl_cli.serve.schemas import APIError, ChatCompletionRequest, FilePart, ImagePart
 
@@ -63,7 +63,7 @@ class Prepared:
 class MediaStore:
     """Uploads on disk under their content hash, shared by concurrent requests (reference-counted)."""
 
-    def __init__(self, allowed_local_root: Optional[Path] = None, max_series_bytes: int = 2 << 30):
+    def __init__(self, allowed_local_root: Path | None = None, max_series_bytes: int = 2 << 30):
         self.allowed_local_root = Path(allowed_local_root).resolve() if allowed_local_root else None
         self.max_series_bytes = max_series_bytes
         self.root = Path(tempfile.mkdtemp(prefix="medmvl-serve-"))  # mode 0700
@@ -206,7 +206,7 @@ class MediaStore:
     @staticmethod
     def _check_placeholders(request: Request) -> None:
         counts = count_placeholders(request.messages)
-        for token, media, part in ((IMAGE_TOKEN, request.images, "image_url"), (IMAGE3D_TOKEN, request.volumes, "file")):
+        for token, media, part in ((IMAGE_PLACEHOLDER, request.images, "image_url"), (VOLUME_PLACEHOLDER, request.volumes, "file")):
             if counts[token] != len(media):
                 raise APIError(400, f"the messages hold {counts[token]} {token} for {len(media)} {part} part(s); send "
                                     f"media as parts and leave {token} out of the text", param="messages")

@@ -9,7 +9,7 @@ and file parts ``{"type": "file", "file": {"file_data", "file_id", "filename"}}`
 
 from __future__ import annotations
 
-from typing import Annotated, Literal, Optional, Union
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
@@ -18,7 +18,7 @@ class APIError(Exception):
     """An error answered as OpenAI does: ``{"error": {"message", "type", "param", "code"}}``."""
 
     def __init__(self, status: int, message: str, *, type: str = "invalid_request_error",
-                 param: Optional[str] = None, code: Optional[str] = None):
+                 param: str | None = None, code: str | None = None):
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
 
@@ -37,7 +37,7 @@ class TextPart(_Strict):
 
 class ImageURL(_Strict):
     url: str = Field(description="a data: URL (PNG, JPEG, BMP, TIFF, DICOM) or file:// under --allowed-local-root")
-    detail: Optional[Literal["auto", "low", "high"]] = Field(
+    detail: Literal["auto", "low", "high"] | None = Field(
         None, description="accepted for compatibility: every image goes through the model's own processor")
 
 
@@ -47,9 +47,9 @@ class ImagePart(_Strict):
 
 
 class FileData(_Strict):
-    file_data: Optional[str] = Field(None, description="base64 file contents (plain or a data: URL)")
-    file_id: Optional[str] = Field(None, description="not supported: there is no files API")
-    filename: Optional[str] = Field(None, description="its suffix says the format: .nii, .nii.gz, .nrrd, .mha, .npy, .zip")
+    file_data: str | None = Field(None, description="base64 file contents (plain or a data: URL)")
+    file_id: str | None = Field(None, description="not supported: there is no files API")
+    filename: str | None = Field(None, description="its suffix says the format: .nii, .nii.gz, .nrrd, .mha, .npy, .zip")
 
 
 class FilePart(_Strict):
@@ -57,13 +57,13 @@ class FilePart(_Strict):
     file: FileData
 
 
-ContentPart = Annotated[Union[TextPart, ImagePart, FilePart], Field(discriminator="type")]
+ContentPart = Annotated[TextPart | ImagePart | FilePart, Field(discriminator="type")]
 
 
 class Message(_Strict):
     role: Literal["system", "developer", "user", "assistant"]
-    content: Union[str, list[ContentPart]]
-    name: Optional[str] = Field(None, description="accepted for compatibility; not shown to the model")
+    content: str | list[ContentPart]
+    name: str | None = Field(None, description="accepted for compatibility; not shown to the model")
 
 
 class StreamOptions(_Strict):
@@ -73,19 +73,19 @@ class StreamOptions(_Strict):
 class ChatCompletionRequest(_Strict):
     model: str
     messages: list[Message] = Field(min_length=1)
-    max_tokens: Optional[int] = Field(None, ge=1)
-    max_completion_tokens: Optional[int] = Field(None, ge=1)
-    temperature: Optional[float] = Field(None, ge=0.0, le=2.0, description="0 or omitted: greedy")
-    top_p: Optional[float] = Field(None, gt=0.0, le=1.0)
-    stop: Union[str, list[str], None] = None
-    seed: Optional[int] = None
-    stream: Optional[bool] = False
-    stream_options: Optional[StreamOptions] = None
-    n: Optional[int] = Field(None, ge=1, le=1, description="one choice per request")
-    logprobs: Optional[Literal[False]] = None
-    frequency_penalty: Optional[Literal[0, 0.0]] = None
-    presence_penalty: Optional[Literal[0, 0.0]] = None
-    user: Optional[str] = Field(None, description="an end-user id, as OpenAI takes it; not used")
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    temperature: float | None = Field(None, ge=0.0, le=2.0, description="0 or omitted: greedy")
+    top_p: float | None = Field(None, gt=0.0, le=1.0)
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    stream: bool | None = False
+    stream_options: StreamOptions | None = None
+    n: int | None = Field(None, ge=1, le=1, description="one choice per request")
+    logprobs: Literal[False] | None = None
+    frequency_penalty: Literal[0, 0.0] | None = None
+    presence_penalty: Literal[0, 0.0] | None = None
+    user: str | None = Field(None, description="an end-user id, as OpenAI takes it; not used")
 
     @field_validator("stop")
     @classmethod
@@ -104,7 +104,7 @@ class ChatCompletionRequest(_Strict):
 _ONLY_DEFAULT = ("n", "logprobs", "frequency_penalty", "presence_penalty")
 
 
-def _field_path(loc: tuple) -> Optional[str]:
+def _field_path(loc: tuple) -> str | None:
     """A pydantic error location as the request's field path: union branch labels ("str",
     "list[tagged-union[...]]") and the part tag that follows a tagged list's index are dropped;
     indices are written as the media errors write them: ``messages[0].content[1].image_url``."""

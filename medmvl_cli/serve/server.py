@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 from medmvl_cli.config.limits import DEFAULT_MAX_PIXELS, DEFAULT_MAX_VOXELS
 from medmvl_cli.errors import RunError

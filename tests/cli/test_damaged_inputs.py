@@ -201,7 +201,7 @@ def checkpoint_with_a_planted_file(c):
 
 def checkpoint_scheduler_empty_past_the_checksums(c):
     """Were the checksums to pass, the loader itself names the checkpoint (torch raises EOFError)."""
-    import medmvl_cli.engine.checkpoint as checkpoint
+    import medmvl_cli.runs.checkpoint as checkpoint
 
     c.monkeypatch.setattr(checkpoint, "damage", lambda folder: None)
     damaged = _empty(c.run / "checkpoints" / "step-2" / "scheduler.pt")
@@ -383,7 +383,7 @@ def test_a_damaged_latest_checkpoint_falls_back_to_the_newest_intact_one(trained
     assert "step-1" in warning.split("resuming from")[1]
     state = json.loads((c.run / "checkpoints" / "step-2" / "trainer_state.json").read_text())
     assert state["global_step"] == 2  # step 2 trained again from step 1 and saved intact
-    from medmvl_cli.engine.checkpoint import damage
+    from medmvl_cli.runs.checkpoint import damage
 
     assert damage(c.run / "checkpoints" / "step-2") is None
 

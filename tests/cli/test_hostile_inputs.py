@@ -11,9 +11,9 @@ from __future__ import annotations
 import json
 import os
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import pytest
@@ -62,12 +62,13 @@ def _write_jsonl(path: Path, *records) -> Path:
 def model_dir(tmp_path_factory) -> Path:
     """An untrained tiny 2D + 3D model folder: enough for `infer` to reach its readers."""
     from medmvl_cli.config.loader import load_recipe
-    from medmvl_cli.model.builder import build_model, save_model
+    from medmvl_cli.inference.load import build
+    from medmvl_cli.model.builder import save_model
 
     root = tmp_path_factory.mktemp("hostile-model")
     (root / "recipe.yaml").write_text(RECIPE.format(annotations="none.json", root=root))
-    model, tokenizer, processor = build_model(load_recipe(root / "recipe.yaml", stage="finetune"), dtype="float32")
-    return save_model(model, root / "model", tokenizer=tokenizer, image_processor=processor)
+    model, processor = build(load_recipe(root / "recipe.yaml", stage="finetune"), dtype="float32")
+    return save_model(model, root / "model", processor)
 
 
 # ------------------------------------------------------------------------------------------ table

@@ -134,7 +134,7 @@ class DemoServer:
             except queue.Empty:
                 if time.monotonic() > deadline:
                     self.stop()
-                    raise RuntimeError(f"medmvl demo printed no address in {timeout:.0f} s:\n{self.stderr()}")
+                    raise RuntimeError(f"medmvl demo printed no address in {timeout:.0f} s:\n{self.stderr()}") from None
                 continue
             if line.startswith("http"):
                 self.url = line.strip()

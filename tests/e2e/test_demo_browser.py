@@ -57,7 +57,8 @@ def browser(tmp_path):
 
 def expected_answer(run: Path, volume: Path, questions: list[str]) -> list[str]:
     """What `Predictor` answers directly (greedy), turn by turn, for the same conversation."""
-    from medmvl_cli.inference.generate import GenerationSettings, Predictor, Request, resolve_model_dir
+    from medmvl_cli.inference.generate import GenerationSettings, Predictor, Request
+    from medmvl_cli.runs.resolve import resolve_model_dir
 
     predictor = Predictor(resolve_model_dir(str(run)))
     settings = GenerationSettings(max_new_tokens=MAX_NEW_TOKENS)
@@ -124,7 +125,7 @@ def test_upload_page_ask_and_read_the_answer_in_chromium(server, tiny_run, brows
             css("#ask").click()
         else:
             box.send_keys(Keys.ENTER)
-        wait.until(lambda _: len(browser.find_elements(By.CSS_SELECTOR, "#chat [data-testid='bot']")) == n
+        wait.until(lambda _, n=n: len(browser.find_elements(By.CSS_SELECTOR, "#chat [data-testid='bot']")) == n
                    and css("#question textarea").get_attribute("value") == "" and _idle(browser))
         answers.append(browser.find_elements(By.CSS_SELECTOR, "#chat [data-testid='bot']")[-1].text)
     user_turns = [e.text for e in browser.find_elements(By.CSS_SELECTOR, "#chat [data-testid='user']")]

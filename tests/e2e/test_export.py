@@ -21,7 +21,8 @@ from medmvl_cli.config.loader import load_recipe
 from medmvl_cli.engine.stages import train_stage
 from medmvl_cli.errors import RunError
 from medmvl_cli.inference.generate import GenerationSettings, Predictor
-from medmvl_cli.model.builder import build_model, load_model, save_model
+from medmvl_cli.inference.load import build, load
+from medmvl_cli.model.builder import save_model
 from tests.e2e.conftest import RECIPE_2D, RECIPE_3D
 
 runner = CliRunner()
@@ -53,8 +54,8 @@ def model_folder(tmp_path: Path, text: str, name: str = "model") -> Path:
     recipe = tmp_path / f"{name}.yaml"
     recipe.write_text(text)
     torch.manual_seed(0)
-    model, tokenizer, processor = build_model(load_recipe(recipe))
-    return save_model(model, tmp_path / name, tokenizer, processor)
+    model, processor = build(load_recipe(recipe))
+    return save_model(model, tmp_path / name, processor)
 
 
 SIGLIP_LLAMA = """
@@ -70,16 +71,10 @@ def sample_images(synth_data: Path) -> list[Path]:
     return sorted((synth_data / "images").glob("test-*.png"))[:3]
 
 
-def logits_of(model, tokenizer, processor, image: Path) -> torch.Tensor:
-    from medmvl_cli.data.image_io import read_image
-    from medmvl_cli.data.templates import get_template
-
-    template = get_template(model.config.template)
-    ids = template.encode(tokenizer, [{"role": "user", "content": PROMPT}], {"<image>": model.num_tokens("image")},
-                          add_generation_prompt=True).input_ids
-    pixels = processor(images=[read_image(image)], return_tensors="pt")["pixel_values"]
+def logits_of(model, processor, image: Path) -> torch.Tensor:
+    inputs = processor([{"role": "user", "content": PROMPT}], images=[image])
     with torch.no_grad():
-        return model(input_ids=torch.tensor([ids]), pixel_values=pixels).logits[0]
+        return model(input_ids=inputs["input_ids"], pixel_values=inputs["pixel_values"]).logits[0]
 
 
 def answers(model_dir: Path, images: list[Path]) -> list[str]:
@@ -94,11 +89,10 @@ def answers(model_dir: Path, images: list[Path]) -> list[str]:
 @pytest.mark.slow  # trains the LoRA run (module fixture), then loads the model seven times
 def test_export_keeps_the_adapter_unless_merged_and_answers_stay_the_same(lora_run, synth_data, tmp_path):
     images = sample_images(synth_data)
-    model, tokenizer, processor = load_model(lora_run / "model")
-    model.eval()
-    with_adapter = [logits_of(model, tokenizer, processor, i) for i in images]
+    model, processor = load(lora_run / "model", merge_lora=False, device=None)
+    with_adapter = [logits_of(model, processor, i) for i in images]
     with model.llm.disable_adapter():
-        base = logits_of(model, tokenizer, processor, images[0])
+        base = logits_of(model, processor, images[0])
     assert (base - with_adapter[0]).abs().max() > 1e-2  # the adapter matters, so the check below can fail
 
     kept = runner.invoke(app, ["export", "--model", str(lora_run), "--out", str(tmp_path / "kept")])
@@ -117,10 +111,9 @@ def test_export_keeps_the_adapter_unless_merged_and_answers_stay_the_same(lora_r
 
     reference = answers(lora_run / "model", images)
     for folder in (tmp_path / "kept", out):
-        loaded, tok, proc = load_model(folder)
-        loaded.eval()
+        loaded, proc = load(folder, merge_lora=False, device=None)
         for image, expected in zip(images, with_adapter):
-            assert torch.allclose(logits_of(loaded, tok, proc, image), expected, atol=1e-4)
+            assert torch.allclose(logits_of(loaded, proc, image), expected, atol=1e-4)
         assert answers(folder, images) == reference
     infer = runner.invoke(app, ["infer", "--model", str(out), "--image", str(images[0]), "--max-new-tokens", "8"])
     assert infer.exit_code == 0, infer.output
@@ -151,11 +144,11 @@ def test_a_non_empty_out_is_refused_and_overwrite_replaces_only_exports(tmp_path
 
 
 def test_a_failed_export_leaves_the_old_folder_and_no_staging(tmp_path, monkeypatch):
-    from medmvl_cli.interop import export_medmvl
+    from medmvl_cli.interop import export_native
 
     source = model_folder(tmp_path / "source", SIGLIP_LLAMA)
     out = tmp_path / "export"
-    export_medmvl.export_medmvl(source, out)
+    export_native.export_medmvl(source, out)
     before = sorted(p.name for p in out.iterdir())
 
     def broken(model, folder, *args, **kwargs):
@@ -164,7 +157,7 @@ def test_a_failed_export_leaves_the_old_folder_and_no_staging(tmp_path, monkeypa
 
     monkeypatch.setattr("medmvl_cli.model.builder.save_model", broken)
     with pytest.raises(RunError, match=f"cannot write --out at {out} \\(disk full\\)"):
-        export_medmvl.export_medmvl(source, out, overwrite=True, dtype="bfloat16")
+        export_native.export_medmvl(source, out, overwrite=True, dtype="bfloat16")
     assert sorted(p.name for p in out.iterdir()) == before
     assert json.loads((out / "config.json").read_text())["dtype"] == "float32"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["export", "source"]
@@ -207,13 +200,13 @@ def medmvl_side(model_dir: Path, image: Path, max_new: int) -> dict:
     predictor = Predictor(model_dir)
     messages = [{"role": "user", "content": PROMPT}]
     ids = predictor.prompt_ids(messages)
-    pixels = predictor.media.images([image])
+    pixels = predictor.processor.images([image])
     settings = GenerationSettings(max_new_tokens=max_new)
     tokenizer = predictor.tokenizer
     with torch.no_grad():
         new = predictor.model.generate(
             input_ids=torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long), pixel_values=pixels,
-            **settings.kwargs(tokenizer.pad_token_id, predictor.template.stop_token_ids(tokenizer)))
+            **settings.kwargs(tokenizer.pad_token_id, predictor.processor.template.stop_token_ids(tokenizer)))
         logits = predictor.model(input_ids=torch.tensor([ids]), pixel_values=pixels).logits[0, -1]
     return {"prompt_ids": ids, "new_ids": new[0].tolist(), "last_logits": logits, "tokenizer": tokenizer}
 
@@ -253,7 +246,7 @@ def test_hf_llava_has_the_layout_transformers_saves(tmp_path, synth_data, encode
     source = model_folder(tmp_path, text)
     out = export_hf_llava(source, tmp_path / "llava")
     config = json.loads((out / "config.json").read_text())
-    ours = load_model(source)[0]
+    ours, our_processor = load(source, merge_lora=False, device=None)
     assert config["vision_feature_select_strategy"] == strategy
     assert config["vision_feature_layer"] == -2
     assert config["image_token_index"] == ours.config.image_token_id
@@ -280,10 +273,9 @@ def test_hf_llava_has_the_layout_transformers_saves(tmp_path, synth_data, encode
     inputs = processor(images=Image.open(image).convert("RGB"), text=text, add_special_tokens=False, return_tensors="pt")
     assert (inputs["input_ids"][0, 0].item() == processor.tokenizer.bos_token_id) == (llm == "tiny-llama")
     assert (inputs["input_ids"] == ours.config.image_token_id).sum() == ours.num_tokens("image")
-    tokenizer, image_processor = load_model(source)[1:]
     with torch.no_grad():
         theirs = llava.eval()(**inputs).logits[0]
-    assert torch.allclose(theirs, logits_of(ours.eval(), tokenizer, image_processor, image), atol=1e-4)
+    assert torch.allclose(theirs, logits_of(ours, our_processor, image), atol=1e-4)
 
 
 @pytest.mark.parametrize("llm", ["tiny-llama", "tiny-qwen2"])
@@ -306,7 +298,7 @@ def test_hf_llava_processor_takes_the_documented_typed_message_shape(tmp_path, s
                                            return_tensors="pt")
     predictor = Predictor(source)
     assert inputs["input_ids"][0].tolist() == predictor.prompt_ids([{"role": "user", "content": PROMPT}])
-    torch.testing.assert_close(inputs["pixel_values"], predictor.media.images([image]))
+    torch.testing.assert_close(inputs["pixel_values"], predictor.processor.images([image]))
     # The tokenizer alone renders the same text for the string and the typed form.
     as_text = processor.apply_chat_template([{"role": "user", "content": PROMPT}], add_generation_prompt=True, tokenize=False)
     assert processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False) == as_text
@@ -323,8 +315,8 @@ TRANSFORMERS4_MAPPING = {
 
 
 def test_transformers4_variant_matches_what_transformers4_loads(tmp_path, synth_data):
-    from transformers import AutoImageProcessor, LlavaConfig, LlavaForConditionalGeneration, PreTrainedTokenizerFast
     from safetensors.torch import load_file
+    from transformers import AutoImageProcessor, LlavaConfig, LlavaForConditionalGeneration, PreTrainedTokenizerFast
 
     source = model_folder(tmp_path, SIGLIP_LLAMA)
     result = runner.invoke(app, ["export", "--model", str(source), "--out", str(tmp_path / "llava4"),
@@ -363,7 +355,8 @@ def test_transformers4_variant_matches_what_transformers4_loads(tmp_path, synth_
     assert "{{- bos_token }}" in tokenizer_config["chat_template"]
     assert json.loads((out / "chat_template.json").read_text())["chat_template"] == tokenizer_config["chat_template"]
     tokenizer = PreTrainedTokenizerFast.from_pretrained(out)
-    ours, our_tokenizer, our_processor = load_model(source)
+    ours, our_processor = load(source, merge_lora=False, device=None)
+    our_tokenizer = our_processor.tokenizer
     assert tokenizer("a <image> b")["input_ids"] == our_tokenizer("a <image> b")["input_ids"]
     # Processor: image processor flat in preprocessor_config.json, processor settings flat.
     processor_config = json.loads((out / "processor_config.json").read_text())
@@ -379,11 +372,11 @@ def test_transformers4_variant_matches_what_transformers4_loads(tmp_path, synth_
     ids = tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
     with torch.no_grad():
         theirs = llava.eval()(input_ids=ids, pixel_values=pixels).logits[0]
-    assert torch.allclose(theirs, logits_of(ours.eval(), our_tokenizer, our_processor, image), atol=1e-4)
+    assert torch.allclose(theirs, logits_of(ours, our_processor, image), atol=1e-4)
 
 
 def test_transformers4_text_config_keeps_rope_settings():
-    from medmvl_cli.interop.hf_transformers4 import text_config_for_transformers4
+    from medmvl_cli.interop.llava_transformers4 import text_config_for_transformers4
 
     plain = text_config_for_transformers4({"rope_parameters": {"rope_theta": 1e6, "rope_type": "default"}, "dtype": "bfloat16"})
     assert plain == {"rope_theta": 1e6, "dtype": "bfloat16", "torch_dtype": "bfloat16"}

@@ -23,8 +23,9 @@ from typer.testing import CliRunner
 
 from medmvl_cli.cli.app import app
 from medmvl_cli.cli.infer_cmd import DEFAULT_PROMPTS
-from medmvl_cli.inference.generate import GenerationSettings, Predictor, Request, choose_model
+from medmvl_cli.inference.generate import GenerationSettings, Predictor, Request
 from medmvl_cli.inference.predictions import ROW_KEYS, predict_file
+from medmvl_cli.runs.resolve import choose_model
 
 runner = CliRunner()
 
@@ -224,21 +225,22 @@ def test_without_a_model_the_error_says_how_to_get_one(synth_data, tmp_path, mon
 
 # ------------------------------------------------------------------------------------ stages
 def test_lora_and_pretrain_runs_answer(run, predictor, synth_data, tmp_path):
-    from medmvl_cli.model.builder import load_model, save_model
+    from medmvl_cli.inference.load import load
+    from medmvl_cli.model.builder import save_model
     from medmvl_cli.model.trainable import apply_lora
 
-    model, tokenizer, processor = load_model(run / "model")
+    model, processor = load(run / "model", dtype="auto", device=None)
     apply_lora(model, {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": "all-linear"})
     torch.manual_seed(0)
     for name, param in model.llm.named_parameters():
         if "lora_B" in name:
             torch.nn.init.normal_(param, std=0.05)  # a trained adapter is not zero
-    lora_dir = save_model(model, tmp_path / "runs" / "lora" / "model", tokenizer, processor)
+    lora_dir = save_model(model, tmp_path / "runs" / "lora" / "model", processor)
     assert (lora_dir / "llm_adapter" / "adapter_model.safetensors").is_file()
     image = synth_data / "images" / "test-00000.png"
     request = Request([{"role": "user", "content": "<image>\nWhere?"}], [image])
     ids = torch.tensor([predictor.prompt_ids(request.messages)])
-    pixels = predictor.media.images([image])
+    pixels = predictor.processor.images([image])
     with torch.no_grad():
         adapter_logits = model.eval()(input_ids=ids, pixel_values=pixels).logits[0, -1]
         base_logits = predictor.model(input_ids=ids, pixel_values=pixels).logits[0, -1]
@@ -252,9 +254,9 @@ def test_lora_and_pretrain_runs_answer(run, predictor, synth_data, tmp_path):
 
     plain = tmp_path / "runs" / "pretrain" / "model"  # a pretrain run: the same model, template plain
     shutil.copytree(run / "model", plain)
-    config = json.loads((plain / "config.json").read_text())
+    config = json.loads((plain / "processor_config.json").read_text())
     config["template"] = "plain"
-    (plain / "config.json").write_text(json.dumps(config))
+    (plain / "processor_config.json").write_text(json.dumps(config))
     answer = runner.invoke(app, ["infer", "--model", str(plain.parent), "--volume",
                                  str(synth_data / "volumes" / "test-00000.nii.gz"), "--max-new-tokens", "4"])
     assert answer.exit_code == 0, answer.output

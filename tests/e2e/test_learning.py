@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 
-from medmvl_cli.engine.quickstart import run_quickstart
+from medmvl_cli.workflows.quickstart import run_quickstart
 
 pytestmark = pytest.mark.slow
 

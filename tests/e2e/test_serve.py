@@ -45,17 +45,18 @@ def chaotic(tmp_path_factory, synth_data) -> Predictor:
     import torch
 
     from medmvl_cli.config.loader import load_recipe
-    from medmvl_cli.model.builder import build_model, save_model
+    from medmvl_cli.inference.load import build
+    from medmvl_cli.model.builder import save_model
 
     root = tmp_path_factory.mktemp("chaotic")
     (root / "recipe.yaml").write_text(RECIPE_2D3D.format(data=synth_data))
     torch.manual_seed(0)
-    model, tokenizer, processor = build_model(load_recipe(root / "recipe.yaml", []))
+    model, processor = build(load_recipe(root / "recipe.yaml", []))
     with torch.no_grad():
         for param in model.parameters():
             if param.dim() >= 2:
                 param.normal_(0.0, 0.3)
-    return Predictor(save_model(model, root / "model", tokenizer, processor))
+    return Predictor(save_model(model, root / "model", processor))
 
 
 @pytest.fixture(scope="module")
@@ -114,7 +115,7 @@ def alone(predictor: Predictor, request: Request) -> tuple[str, int, int]:
     settings = GenerationSettings(max_new_tokens=MAX_NEW)
     ids, (prompt,) = predictor.generate_ids([request], settings)
     row = ids[0].tolist()
-    stops = [i for i, t in enumerate(row) if t in predictor.stop_token_ids]
+    stops = [i for i, t in enumerate(row) if t in predictor.processor.stop_token_ids]
     generated = stops[0] + 1 if stops else len(row)
     return predictor.tokenizer.decode(row, skip_special_tokens=True).strip(), prompt, generated
 
@@ -159,7 +160,7 @@ def test_answers_equal_medmvl_infer_streaming_and_not(run_2d3d, predictor, clien
 
 def _stopped(predictor: Predictor, request: Request) -> bool:
     ids, _ = predictor.generate_ids([request], GenerationSettings(max_new_tokens=MAX_NEW))
-    return any(t in predictor.stop_token_ids for t in ids[0].tolist())
+    return any(t in predictor.processor.stop_token_ids for t in ids[0].tolist())
 
 
 def test_the_stream_is_server_sent_events_ending_with_done(base_url, predictor, synth_data):

@@ -162,12 +162,12 @@ def test_pretrain_then_finetune_chain(recipe_3d):
 
 
 def test_component_learning_rates_and_no_decay_on_norms_and_biases(recipe_2d, tmp_path):
-    from medmvl_cli.engine.run_folder import RunFolder
     from medmvl_cli.engine.stages import build_training_model, component_learning_rates, training_arguments
     from medmvl_cli.engine.trainer import LVLMTrainer
+    from medmvl_cli.runs.folder import RunFolder
 
     recipe = load_recipe(recipe_2d, ["train.lr_connector=5e-3", "train.lr_encoder=1e-5", "train.weight_decay=0.1"])
-    model, _, _ = build_training_model(recipe)
+    model, _ = build_training_model(recipe)
     trainer = LVLMTrainer(model=model, args=training_arguments(recipe, RunFolder(tmp_path / "run"), quiet=True),
                           param_lrs=component_learning_rates(model, recipe))
     optimizer = trainer.create_optimizer()

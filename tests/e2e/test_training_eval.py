@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from medmvl_cli.cli.app import app
-from medmvl_cli.engine.quickstart import quickstart_recipe
+from medmvl_cli.workflows.quickstart import quickstart_recipe
 
 runner = CliRunner()
 

@@ -9,6 +9,7 @@ import pytest
 
 from medmvl_cli.data import annotations as ann
 from medmvl_cli.data.annotations import (
+    KNOWN_KEYS,
     AnnotationFile,
     Issue,
     RawRecord,
@@ -64,8 +65,9 @@ def test_reference_files_parse_as_is(name):
         assert record.ends_on_user is inference
         assert record.source.file == str(path) and record.line is not None
         # Keys medmvl does not use survive (finetune_2d has data_source / domain / task).
-        assert record.to_json() == {k: data[k] for k in record.to_json()}
-        assert set(record.to_json()) == set(data)
+        assert [t.value for t in record.conversations] == [c["value"] for c in data["conversations"]]
+        assert record.question_type == data.get("question_type")
+        assert dict(record.extra) == {k: v for k, v in data.items() if k not in KNOWN_KEYS}
     if name == "inference_3d":
         assert records[0].answer.startswith("(b) ")
 
@@ -278,3 +280,27 @@ def test_path_resolution(tmp_path):
     ann_file = tmp_path / "sub" / "train.json"
     assert default_root(ann_file, None) == ann_file.resolve().parent
     assert default_root(ann_file, "/data") == Path("/data")
+
+
+@pytest.mark.parametrize("speakers,slip", [
+    (["human", "gpt", "human", "gpt"], None),
+    (["system", "human", "gpt"], None),
+    (["human", "human", "gpt"], 1),
+    (["gpt", "human"], 0),
+    (["human", "gpt", "system"], 2),
+])
+def test_the_checker_and_the_templates_share_one_turn_order_rule(speakers, slip):
+    from medmvl_cli.data.templates import get_template
+    from medmvl_cli.data.turns import SPEAKER_ROLES, turn_order
+
+    found = turn_order([SPEAKER_ROLES[s] for s in speakers])
+    assert (found[0][0] if found else None) == slip
+    record, _ = schema_problems(RawRecord({"id": "r", "conversations": [{"from": s, "value": "x"} for s in speakers]},
+                                          Source("f.jsonl", 0)))
+    issues = [i for i in conversation_problems(record, require_answer=False) if i.kind == "alternation"]
+    assert (f"turn {slip}:" in issues[0].message) if slip is not None else not issues
+    messages = [{"role": SPEAKER_ROLES[s], "content": "x"} for s in speakers]
+    if slip is None:
+        return
+    with pytest.raises(DataError, match=f"turn {slip} "):
+        get_template("plain").encode(None, messages, {})

@@ -16,6 +16,7 @@ import pydicom
 import pytest
 from PIL import Image
 
+from medmvl_cli.config.schema import VolumeConfig
 from medmvl_cli.demo.handlers import EMPTY_ANSWER, FULL_RANGE, NO_STUDY, DemoHandlers, DemoSession
 from medmvl_cli.demo.model_info import describe_model
 from medmvl_cli.demo.study import UploadError, open_study
@@ -34,14 +35,14 @@ class FakePredictor:
         self.name = "tiny-fake"
         self.model_dir = Path("/runs/tiny-fake/model")
         self.device = "cpu"
-        self.model = SimpleNamespace(config=SimpleNamespace(template="qwen2"))
-        self.media = SimpleNamespace(
+        self.processor = SimpleNamespace(
+            template_name="qwen2",
             image_processor=SimpleNamespace(crop_size={"height": 32, "width": 32}) if "image" in branches else None,
             image_window=None,
-            volume_config=SimpleNamespace(size=[16, 32, 32], window=[-1000, 1000], spacing=None, orientation="RAS",
-                                          crop_foreground=False) if "image3d" in branches else None,
+            volume=VolumeConfig(size=(16, 32, 32), window=(-1000, 1000), spacing=None, orientation="RAS",
+                                crop_foreground=False) if "image3d" in branches else None,
+            tokens={p: 16 for b, p in (("image", "<image>"), ("image3d", "<image3d>")) if b in branches},
         )
-        self.placeholder_lengths = {p: 16 for b, p in (("image", "<image>"), ("image3d", "<image3d>")) if b in branches}
         self.requests = []
         self.settings = []
         self.fail = fail
@@ -392,7 +393,8 @@ def test_the_command_listens_on_this_machine_only_and_never_shares_by_default():
 @pytest.fixture(scope="module")
 def real_predictor(tmp_path_factory):
     """A two-branch tiny model trained a few steps (tests/e2e/demo_support.py), loaded by the real Predictor."""
-    from medmvl_cli.inference.generate import Predictor, resolve_model_dir
+    from medmvl_cli.inference.generate import Predictor
+    from medmvl_cli.runs.resolve import resolve_model_dir
     from tests.e2e.demo_support import tiny_model
 
     run = tiny_model(tmp_path_factory)

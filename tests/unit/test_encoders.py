@@ -125,9 +125,14 @@ def test_slices_encoder_concatenates_slices(base, feature, per_slice, cls):
 
 
 def test_slices_needs_num_slices_equal_to_volume_depth():
+    # The rule lives in the recipe schema (the one validator of recipe values).
+    from pydantic import ValidationError
+
+    from medmvl_cli.config.schema import Image3dBranch
+
     cfg = SlicesEncoder(type="slices", base="clip", preset="tiny", num_slices=4)
-    with pytest.raises(ModelError, match="num_slices is 4"):
-        encoder_from_recipe(cfg, volume=VOLUME)
+    with pytest.raises(ValidationError, match="num_slices is 4"):
+        Image3dBranch(encoder=cfg, connector={"type": "mlp"}, volume=VOLUME)
 
 
 def test_from_arch_rebuilds_the_same_architecture():

@@ -5,10 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
+from medmvl_cli.constants import IGNORE_INDEX
 from medmvl_cli.data.annotations import Record, Source, Turn
 from medmvl_cli.data.collator import LVLMCollator
 from medmvl_cli.data.dataset import SKIPPED
-from medmvl_cli.data.encoding import IGNORE_INDEX, encode_records, fit_to_length
+from medmvl_cli.data.encoding import encode_records, fit_to_length
 from medmvl_cli.data.sampler import WeightedLengthGroupedSampler
 from medmvl_cli.data.templates import Encoded, get_template
 from medmvl_cli.model.presets.tokenizer_files import load_preset_tokenizer

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from medmvl_cli.evaluation.normalize import CONTRACTIONS, NUMBER_WORDS, PUNCTUATION, normalize_answer
+from medmvl_cli.data.answer_text import CONTRACTIONS, NUMBER_WORDS, PUNCTUATION, normalize_answer
 
 
 def test_lower_cases_and_collapses_whitespace():

@@ -143,9 +143,9 @@ def test_image_reader_knows_every_volume_suffix_without_importing_monai():
     import subprocess
     import sys
 
-    from medmvl_cli.data import image_io, volume_io
+    from medmvl_cli.data import file_kinds, image_io, volume_io
 
-    assert image_io._VOLUME_SUFFIXES == volume_io.VOLUME_SUFFIXES
+    assert image_io.VOLUME_SUFFIXES is volume_io.VOLUME_SUFFIXES is file_kinds.VOLUME_SUFFIXES
     code = "import sys, medmvl_cli.data.image_io; print('monai' in sys.modules, 'torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.split() == ["False", "False"]

@@ -24,7 +24,7 @@ from typer.testing import CliRunner
 
 from medmvl_cli.cli.app import app
 from medmvl_cli.errors import ModelError, RunError
-from medmvl_cli.interop.import_medmvl import import_medm_vl
+from medmvl_cli.interop.medm_vl.importer import import_medm_vl
 from medmvl_cli.model.builder import load_model
 
 runner = CliRunner()
@@ -68,8 +68,14 @@ def make_llm(folder: Path, vocab: int, tied: bool, seed: int = 0):
 
 
 def make_vision(folder: Path, kind: str, seed: int = 1):
-    from transformers import (CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel, SiglipImageProcessor,
-                              SiglipVisionConfig, SiglipVisionModel)
+    from transformers import (
+        CLIPImageProcessor,
+        CLIPVisionConfig,
+        CLIPVisionModel,
+        SiglipImageProcessor,
+        SiglipVisionConfig,
+        SiglipVisionModel,
+    )
 
     torch.manual_seed(seed)
     sizes = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=16,
@@ -213,19 +219,21 @@ def test_ct_chest_import_gives_medmvl_logits(ct_chest, tmp_path):
     assert (run / "FINISHED").is_file() and (run / "recipe.yaml").is_file()
     config = json.loads((run / "model" / "config.json").read_text())
     assert config["image"] is None
-    encoder, connector, volume = (config["image3d"][k] for k in ("encoder", "connector", "volume"))
+    encoder, connector = (config["image3d"][k] for k in ("encoder", "connector"))
+    processor_config = json.loads((run / "model" / "processor_config.json").read_text())
+    volume = processor_config["volume"]
     assert (encoder["type"], encoder["base"], encoder["num_slices"], encoder["select_layer"]) == ("slices", "siglip", 4, -1)
     assert connector == {"type": "attention_pooling", "num_queries": 4, "heads": 8, "depth": 2, "activation": "gelu",
                          "slice_mean": True}
     assert (volume["size"], volume["window"], volume["crop_foreground"]) == ([4, 16, 16], [-1000.0, 1000.0], True)
-    assert config["template"] == "medmvl-qwen2"
+    assert processor_config["template"] == "medmvl-qwen2"
 
     hu, u8 = hu_volume()
     np.save(tmp_path / "ct.npy", hu)
     from medmvl_cli.inference.generate import Predictor
 
     predictor = Predictor(run / "model")
-    volumes = predictor.media.volumes([tmp_path / "ct.npy"])  # our preprocessing of the HU file
+    volumes = predictor.processor.volumes([tmp_path / "ct.npy"])  # our preprocessing of the HU file
     assert torch.allclose(volumes[0, 0], torch.from_numpy(u8).float() / 255, atol=1e-5)
     ours = our_logits(run / "model", [{"role": "user", "content": QUESTION_3D}], volumes=volumes)
     reference = ct_reference_logits(parts, u8)
@@ -252,7 +260,7 @@ def test_the_mean_over_slices_matters(ct_chest, tmp_path):
     """Concatenating the slices' tokens (medmvl's plain `slices`) is not what MedM-VL computes."""
     root, src, parts = ct_chest
     run = import_medm_vl(src, tmp_path / "run", num_slices=SLICES, slice_pooling="mean")
-    model = load_model(run / "model")[0].eval()
+    model = load_model(run / "model").eval()
     _, u8 = hu_volume(1)
     volumes = torch.from_numpy(u8).float()[None, None] / 255
     from medmvl_cli.model.connectors import build_connector
@@ -293,7 +301,7 @@ def test_clip_mlp_checkpoint_in_the_older_format_with_nested_configs(tmp_path):
     assert model_cfg["image3d"] is None and model_cfg["image"]["connector"] == {"type": "mlp", "depth": 2, "activation": "gelu"}
     assert model_cfg["text_config"]["vocab_size"] == len(tokenizer) + 6  # the placeholders fit: no growth
     assert model_cfg["text_config"]["rope_parameters"]["rope_theta"] == 1e6
-    assert model_cfg["max_length"] == 256
+    assert json.loads((run / "model" / "processor_config.json").read_text())["max_length"] == 256
     assert not (run / "model" / "llm_adapter").exists()
 
     picture = Image.fromarray(np.random.default_rng(0).integers(0, 256, (20, 24, 3)).astype(np.uint8))
@@ -303,7 +311,7 @@ def test_clip_mlp_checkpoint_in_the_older_format_with_nested_configs(tmp_path):
     from medmvl_cli.inference.generate import Predictor
 
     predictor = Predictor(run / "model")
-    pixels = predictor.media.images([tmp_path / "x.png"])
+    pixels = predictor.processor.images([tmp_path / "x.png"])
     reference_pixels = processor(images=Image.open(tmp_path / "x.png").convert("RGB"), return_tensors="pt")["pixel_values"]
     assert torch.equal(pixels, reference_pixels)  # the encoder folder's processor came along (--image-encoder)
     ours = our_logits(run / "model", [{"role": "user", "content": question}], pixel_values=pixels)

@@ -80,7 +80,7 @@ def medmvl_inputs(model, case: str, reference: dict) -> dict:
 
 
 def logits_of(run: Path, case: str, reference: dict) -> torch.Tensor:
-    model = load_model(run / "model", dtype="float32")[0].eval()
+    model = load_model(run / "model", dtype="float32").eval()
     with torch.no_grad():
         return model(**medmvl_inputs(model, case, reference)).logits
 
@@ -123,7 +123,7 @@ def test_a_hu_volume_maps_onto_the_release_day_ct_input(release_ct, tmp_path):
     run = release_ct
     u8 = reference["raw_input"][0, 0].numpy()
     np.save(tmp_path / "ct.npy", (u8 / 255.0 * 2000.0 - 1000.0).astype(np.float32))
-    volumes = Predictor(run / "model").media.volumes([tmp_path / "ct.npy"])
+    volumes = Predictor(run / "model").processor.volumes([tmp_path / "ct.npy"])
     assert torch.allclose(volumes[0], reference["raw_input"][0] / 255.0, atol=1e-5)
 
 
@@ -136,12 +136,12 @@ def test_medm_vls_own_0_255_files_read_exactly_with_window_0_255(release_ct, tmp
 
     reference = load_file(str(FIXTURES / RELEASE_CT / "reference.safetensors"))
     run = Path(shutil.copytree(release_ct, tmp_path / "run"))
-    config_path = run / "model" / "config.json"
+    config_path = run / "model" / "processor_config.json"
     config = json.loads(config_path.read_text())
-    config["image3d"]["volume"].update(window=[0.0, 255.0], crop_foreground=False)
+    config["volume"].update(window=[0.0, 255.0], crop_foreground=False)
     config_path.write_text(json.dumps(config))
     np.save(tmp_path / "medm-vl.npy", reference["raw_input"][0].numpy())  # (1, D, H, W) as MedM-VL stores them
-    volumes = Predictor(run / "model").media.volumes([tmp_path / "medm-vl.npy"])
+    volumes = Predictor(run / "model").processor.volumes([tmp_path / "medm-vl.npy"])
     assert torch.allclose(volumes[0], reference["raw_input"][0] / 255.0, atol=1e-6)
 
 
@@ -151,7 +151,8 @@ def test_a_release_day_config_without_model_type_and_with_foreign_paths_is_read(
     assert not Path(config["llm_name_or_path"]).exists()  # the authors' paths: never needed
     run = import_fixture("release/m3dclip_spatial_pooling", tmp_path / "run")
     saved = json.loads((run / "model" / "config.json").read_text())
-    assert saved["text_config"]["model_type"] == "llama" and saved["template"] == "medmvl-llama3"
+    processor_config = json.loads((run / "model" / "processor_config.json").read_text())
+    assert saved["text_config"]["model_type"] == "llama" and processor_config["template"] == "medmvl-llama3"
     assert saved["text_config"]["hidden_size"] == config["connector_image3d_config"]["output_dim"]
 
 

@@ -13,7 +13,8 @@ from torch import nn
 
 from medmvl_cli.config.loader import load_recipe
 from medmvl_cli.errors import ModelError
-from medmvl_cli.model.builder import build_model, load_model, save_model
+from medmvl_cli.inference.load import build, load
+from medmvl_cli.model.builder import load_model, save_model
 from medmvl_cli.model.llm import resolve_dtype
 from medmvl_cli.model.trainable import apply_lora, apply_trainable, parameter_counts
 
@@ -35,8 +36,8 @@ def make(folder: Path, text: str, *overrides: str):
     path = folder / "recipe.yaml"
     path.write_text(text)
     torch.manual_seed(0)
-    model, tokenizer, processor = build_model(load_recipe(path, overrides))
-    return model.eval(), tokenizer, processor
+    model, processor = build(load_recipe(path, overrides))
+    return model.eval(), processor.tokenizer, processor
 
 
 @pytest.fixture(scope="module")
@@ -87,7 +88,7 @@ def test_every_llm_preset_builds_and_runs(tmp_path, llm):
     assert model.num_tokens("image") == 16 and model.num_tokens("image3d") == 4
     assert tokenizer.convert_tokens_to_ids("<image>") == model.config.image_token_id
     assert tokenizer("<image3d>", add_special_tokens=False)["input_ids"] == [model.config.image3d_token_id]
-    assert processor is not None and list(processor.image_mean) == model.config.image["encoder"]["image_mean"]
+    assert processor is not None and list(processor.image_processor.image_mean) == model.config.image["encoder"]["image_mean"]
     ids = torch.tensor([ids_for(model, [3, "I", 2, "V", 4])])
     out = model(input_ids=ids, pixel_values=torch.randn(1, 3, 32, 32), volumes=torch.rand(1, 1, 8, 32, 32))
     assert out.logits.shape == (1, ids.shape[1], model.config.text_config.vocab_size)
@@ -222,51 +223,54 @@ def test_save_load_round_trip_needs_no_original_folders(tmp_path, monkeypatch):
     pixels, volume = torch.randn(1, 3, 32, 32), torch.rand(1, 1, 8, 32, 32)
     with torch.no_grad():
         before = model(input_ids=ids, pixel_values=pixels, volumes=volume).logits
-    folder = save_model(model, tmp_path / "run" / "model", tokenizer, processor, max_shard_size="300KB")
+    folder = save_model(model, tmp_path / "run" / "model", processor, max_shard_size="300KB")
     names = sorted(p.name for p in folder.iterdir())
     assert "model.safetensors.index.json" in names and sum(n.endswith(".safetensors") for n in names) > 1
-    assert {"config.json", "tokenizer.json", "chat_template.jinja", "preprocessor_config.json"} <= set(names)
+    assert {"config.json", "tokenizer.json", "chat_template.jinja", "preprocessor_config.json",
+            "processor_config.json"} <= set(names)
     config = json.loads((folder / "config.json").read_text())
-    assert config["image3d"]["volume"]["size"] == [8, 32, 32] and config["template"] == "llama3"
+    assert "template" not in config and "volume" not in config["image3d"]  # the config is the architecture
+    saved = json.loads((folder / "processor_config.json").read_text())
+    assert saved["volume"]["size"] == [8, 32, 32] and saved["template"] == "llama3"
+    assert saved["tokens"] == {"<image>": 16, "<image3d>": 4}
     assert str(cache) not in (folder / "config.json").read_text()
     assert not any(p.suffix in (".bin", ".pt", ".pkl") for p in folder.rglob("*"))
 
     shutil.move(str(cache), str(tmp_path / "cache-gone"))
-    loaded, tokenizer2, processor2 = load_model(folder, dtype="float32")
+    loaded, processor2 = load(folder, dtype="float32", device=None)
+    tokenizer2 = processor2.tokenizer
     assert not cache.exists()
     with torch.no_grad():
         after = loaded.eval()(input_ids=ids, pixel_values=pixels, volumes=volume).logits
     assert torch.equal(before, after)
     assert tokenizer2.convert_tokens_to_ids("<image>") == loaded.config.image_token_id
     assert tokenizer2.chat_template == tokenizer.chat_template
-    assert list(processor2.image_mean) == list(processor.image_mean)
+    assert list(processor2.image_processor.image_mean) == list(processor.image_processor.image_mean)
     assert loaded.num_tokens("image") == 16 and loaded.num_tokens("image3d") == 4
 
 
 def test_save_in_another_dtype_from_a_given_state_dict(tmp_path, both):
     model, tokenizer, processor = both
     state = {k: v.clone() for k, v in model.state_dict().items()}
-    folder = save_model(model, tmp_path / "m", tokenizer, processor, state_dict=state, dtype="bfloat16")
+    folder = save_model(model, tmp_path / "m", processor, state_dict=state, dtype="bfloat16")
     from safetensors import safe_open
 
     with safe_open(str(folder / "model.safetensors"), "pt") as f:
         assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.bfloat16}
-    loaded, _, _ = load_model(folder, dtype="float32")
+    loaded = load_model(folder, dtype="float32")
     for key, value in loaded.state_dict().items():
         assert torch.equal(value, state[key].to(torch.bfloat16).float()), key
 
 
 def test_branch_settings_for_the_data_side(both, tmp_path):
-    model, _, _ = both
-    assert model.has_branch("image") and model.has_branch("image3d")
-    assert model.image_window() is None
-    volume = model.volume_config()
-    assert tuple(volume.size) == (8, 32, 32) and volume.window == (-1000.0, 1000.0)
+    model, _, processor = both
+    assert model.image3d_encoder is not None and processor.image_window is None
+    assert tuple(processor.volume.size) == (8, 32, 32) and processor.volume.window == (-1000.0, 1000.0)
     text = BOTH.format(llm="tiny-qwen2", attn="sdpa").split("  image3d:")[0].replace(
         "connector: {type: mlp, depth: 2}", "connector: {type: mlp, depth: 2}\n    window: [-160, 240]")
-    only_2d, _, _ = make(tmp_path, text)
-    assert not only_2d.has_branch("image3d") and only_2d.volume_config() is None
-    assert only_2d.image_window() == (-160.0, 240.0)
+    only_2d, _, processor_2d = make(tmp_path, text)
+    assert only_2d.image3d_encoder is None and processor_2d.volume is None
+    assert processor_2d.image_window == (-160.0, 240.0)
 
 
 def test_lora_saves_base_weights_and_adapter_and_loads_wrapped(tmp_path, both):
@@ -284,7 +288,7 @@ def test_lora_saves_base_weights_and_adapter_and_loads_wrapped(tmp_path, both):
     pixels, volume = torch.randn(1, 3, 32, 32), torch.rand(1, 1, 8, 32, 32)
     with torch.no_grad():
         before = model(input_ids=ids, pixel_values=pixels, volumes=volume).logits
-    folder = save_model(model, tmp_path / "model", tokenizer, processor)
+    folder = save_model(model, tmp_path / "model", processor)
     assert (folder / "llm_adapter" / "adapter_config.json").is_file()
     assert (folder / "llm_adapter" / "adapter_model.safetensors").is_file()
     from safetensors import safe_open
@@ -294,7 +298,7 @@ def test_lora_saves_base_weights_and_adapter_and_loads_wrapped(tmp_path, both):
     assert not any("lora_" in k or "base_layer" in k or "base_model" in k for k in keys)
     assert "llm.model.layers.0.self_attn.q_proj.weight" in keys
 
-    loaded, _, _ = load_model(folder, dtype="float32")
+    loaded = load_model(folder, dtype="float32")
     assert type(loaded.llm).__name__ == "PeftModelForCausalLM"
     assert not any(p.requires_grad for n, p in loaded.llm.named_parameters() if "lora_" in n)
     with torch.no_grad():
@@ -305,37 +309,12 @@ def test_lora_saves_base_weights_and_adapter_and_loads_wrapped(tmp_path, both):
         merged_logits = loaded(input_ids=ids, pixel_values=pixels, volumes=volume).logits
     assert torch.allclose(before, after, atol=1e-6)
     assert torch.allclose(before, merged_logits, atol=1e-4) and plain is not loaded
-    trainable, _, _ = load_model(folder, dtype="float32", adapter_trainable=True)
+    trainable = load_model(folder, dtype="float32", adapter_trainable=True)
     assert any(p.requires_grad for n, p in trainable.llm.named_parameters() if "lora_" in n)
-    merged_on_load, _, _ = load_model(folder, dtype="float32", merge_lora=True)
+    merged_on_load = load_model(folder, dtype="float32", merge_lora=True)
     assert type(merged_on_load.llm).__name__ != "PeftModelForCausalLM" and merged_on_load.config.llm_adapter is None
     with torch.no_grad():
         assert torch.allclose(merged_on_load.eval()(input_ids=ids, pixel_values=pixels, volumes=volume).logits, before, atol=1e-4)
-
-
-def test_load_weights_from_restores_a_lora_model_in_place(tmp_path):
-    text = BOTH.format(llm="tiny-phi3", attn="sdpa")
-    lora = {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": "all-linear"}
-    model, tokenizer, processor = make(tmp_path / "a", text)
-    apply_lora(model, lora)
-    with torch.no_grad():
-        for param in model.parameters():
-            param.add_(torch.randn_like(param) * 0.05)  # "trained": every tensor moved, adapter included
-    folder = save_model(model, tmp_path / "checkpoint", tokenizer, processor)
-    ids = torch.tensor([ids_for(model, [3, "I", 2, "V", 4])])
-    pixels, volume = torch.randn(1, 3, 32, 32), torch.rand(1, 1, 8, 32, 32)
-
-    fresh, _, _ = make(tmp_path / "b", text)
-    with pytest.raises(ModelError, match="not wrapped"):
-        fresh.load_weights_from(folder)
-    apply_lora(fresh, lora)
-    fresh.load_weights_from(folder)
-    with torch.no_grad():
-        expected = model(input_ids=ids, pixel_values=pixels, volumes=volume).logits
-        assert torch.equal(fresh(input_ids=ids, pixel_values=pixels, volumes=volume).logits, expected)
-    other, _, _ = make(tmp_path / "c", BOTH.format(llm="tiny-qwen2", attn="sdpa"))
-    with pytest.raises(ModelError, match="do not fit this model"):
-        other.load_weights_from(folder)
 
 
 # ------------------------------------------------------------------------------ trainable
@@ -452,7 +431,7 @@ model:
 
 def test_init_from_an_earlier_run(tmp_path, both):
     model, tokenizer, processor = both
-    save_model(model, tmp_path / "earlier" / "model", tokenizer, processor)
+    save_model(model, tmp_path / "earlier" / "model", processor)
     recipe = BOTH.format(llm="tiny-qwen2", attn="sdpa") + f"init_from: {tmp_path / 'earlier'}\n"
     again, _, _ = make(tmp_path / "r", recipe)
     ids = torch.tensor([ids_for(model, [3, "I", 2, "V", 4])])

@@ -2,17 +2,18 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
 import sys
 import unicodedata
+from pathlib import Path
 
 import pytest
 
 from medmvl_cli.data.templates import get_template
 from medmvl_cli.errors import ModelError
-from medmvl_cli.model.presets import make_tokenizers
 from medmvl_cli.model.presets.tokenizer_files import (
     FAMILIES,
     TOKENIZER_SPECS,
@@ -29,6 +30,12 @@ MEDICAL_TEXT = [
     "Patient's   spacing\ttabs and  double  spaces  \n trailing ",
     "肺结节 6 mm — Röntgen-Thorax: kein Pneumothorax. Épanchement pleural: non.",
 ]
+
+# The developer script that made the shipped folders lives outside the package (tools/).
+_TOOL = Path(__file__).resolve().parents[2] / "tools" / "make_tokenizers.py"
+_spec = importlib.util.spec_from_file_location("make_tokenizers", _TOOL)
+make_tokenizers = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(make_tokenizers)
 
 
 @pytest.fixture(scope="module")

@@ -17,6 +17,12 @@ EXPECTED_CLASSES = {"tiny-qwen2": "Qwen2ForCausalLM", "tiny-llama": "LlamaForCau
                     "tiny-phi": "PhiForCausalLM", "tiny-phi3": "Phi3ForCausalLM"}
 
 
+def test_presets_are_the_names_a_recipe_may_use():
+    from medmvl_cli.config.names import PRESET_TEMPLATES
+
+    assert {name: d["family"] for name, d in LLM_PRESETS.items()} == PRESET_TEMPLATES
+
+
 @pytest.mark.parametrize("name", sorted(LLM_PRESETS))
 def test_llm_preset_builds_saves_and_reloads_identically(name, tmp_path):
     folder = llm_preset_dir(name)

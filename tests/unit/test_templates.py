@@ -9,14 +9,13 @@ from pathlib import Path
 
 import pytest
 
+from medmvl_cli.config.names import NATIVE_TEMPLATES
+from medmvl_cli.constants import IGNORE_INDEX
 from medmvl_cli.data.templates import (
-    IGNORE_INDEX,
     MEDMVL_DEFAULT_SYSTEM,
-    NATIVE_TEMPLATES,
     TEMPLATES,
     count_placeholders,
     get_template,
-    normalize_conversation,
 )
 from medmvl_cli.errors import DataError, ModelError
 from medmvl_cli.model.presets.tokenizer_files import FAMILIES, load_preset_tokenizer
@@ -123,9 +122,9 @@ def test_registry_names_and_unknown_name():
 
 
 def test_schema_lists_the_same_templates():
-    from medmvl_cli.config.schema import TEMPLATES as SCHEMA_TEMPLATES
+    from medmvl_cli.config.names import TEMPLATES as RECIPE_TEMPLATES
 
-    assert set(SCHEMA_TEMPLATES) == set(TEMPLATES)
+    assert set(TEMPLATES) == set(RECIPE_TEMPLATES)
 
 
 @pytest.mark.parametrize("name,family", PAIRS)
@@ -358,32 +357,6 @@ def test_stop_token_ids(tokenizers, name, family):
 # --------------------------------------------------------------------------- bad input
 
 
-def test_normalize_conversation_maps_llava_roles():
-    turns = [{"from": "system", "value": "s"}, {"from": "human", "value": "<image>\nq"},
-             {"from": "gpt", "value": "a"}, {"from": "user", "value": "q2"}, {"from": "assistant", "value": "a2"}]
-    assert normalize_conversation(turns) == [
-        msg("system", "s"), msg("user", "<image>\nq"), msg("assistant", "a"), msg("user", "q2"), msg("assistant", "a2"),
-    ]
-    assert normalize_conversation([{"role": "user", "content": "q"}]) == [msg("user", "q")]
-
-
-@pytest.mark.parametrize("turns,fragment", [
-    ([{"from": "doctor", "value": "q"}], "doctor"),
-    ([{"from": "human", "value": "q"}, {"from": "human", "value": "q2"}], "turn 1"),
-    ([{"from": "gpt", "value": "a"}, {"from": "human", "value": "q"}], "turn 0"),
-    ([{"from": "human", "value": "q"}, {"from": "system", "value": "s"}], "system"),
-    ([{"from": "system", "value": "s"}], "system"),
-    ([{"from": "human", "value": None}], "no text"),
-    ([{"value": "q"}], "None"),
-    ([], "non-empty"),
-    ("not a list", "non-empty"),
-])
-def test_normalize_conversation_rejects_bad_turns(turns, fragment):
-    with pytest.raises(DataError) as err:
-        normalize_conversation(turns, record_id="ct_0001_q3")
-    assert "ct_0001_q3" in str(err.value) and fragment in str(err.value)
-
-
 @pytest.mark.parametrize("name,family", PAIRS)
 @pytest.mark.parametrize("messages", [
     [msg("doctor", "q"), msg("assistant", "a")],
@@ -421,6 +394,13 @@ def _annotation_records():
 needs_annotations = pytest.mark.skipif(not _annotation_records(), reason=f"no MedM-VL annotations at {ANNOTATIONS}")
 
 
+def as_messages(record: dict, source="record") -> list[dict]:
+    """A MedM-VL record's turns as chat messages, through the annotation reader."""
+    from medmvl_cli.data.annotations import RawRecord, Source, parse_record
+
+    return parse_record(RawRecord(record, Source(str(source), 0))).messages()
+
+
 @needs_annotations
 @pytest.mark.parametrize("name,family", PAIRS)
 def test_every_medmvl_record_encodes(tokenizers, name, family):
@@ -428,7 +408,7 @@ def test_every_medmvl_record_encodes(tokenizers, name, family):
     records = _annotation_records()
     assert len(records) >= 30
     for source, record in records:
-        messages = normalize_conversation(record["conversations"], record_id=record["id"])
+        messages = as_messages(record, source)
         generate = messages[-1]["role"] == "user"
         enc = tmpl.encode(tok, messages, LENGTHS, add_generation_prompt=generate)
         counts = count_placeholders(messages)
@@ -503,7 +483,7 @@ def test_medmvl_templates_match_medmvls_own_encoding(tokenizers, family):
     back = {-200: ids["<image>"], -201: ids["<image3d>"]}
     checked = 0
     for _, record in _annotation_records():
-        messages = normalize_conversation(record["conversations"])
+        messages = as_messages(record)
         prompt, ref_ids, ref_labels = _medmvl_reference(tok, record["conversations"], eos)
         enc = tmpl.encode(tok, messages, {"<image>": 1, "<image3d>": 1})
         assert enc.input_ids == [back.get(t, t) for t in ref_ids], prompt

@@ -12,12 +12,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from medmvl_cli.data import validate as validate_mod
 from medmvl_cli.data.validate import (
     PROBLEM_KINDS,
     check_image_file,
     check_volume_file,
-    placeholder_lengths_for,
     validate_annotations,
 )
 from medmvl_cli.errors import DataError
@@ -280,8 +278,10 @@ def test_placeholder_lengths_come_from_the_model(tmp_path):
 
     recipe_file = tmp_path / "r.yaml"
     recipe_file.write_text(RECIPE.format(max_length=64))
+    from medmvl_cli.model.token_counts import placeholder_lengths_for_recipe
+
     # tiny CLIP: 32 px in 8 px patches = 16 patch tokens; an MLP connector keeps one token each
-    assert placeholder_lengths_for(load_recipe(recipe_file)) == {"<image>": 16}
+    assert placeholder_lengths_for_recipe(load_recipe(recipe_file)) == {"<image>": 16}
 
 
 RECIPE = """
@@ -311,7 +311,9 @@ def length_data(tmp_path, monkeypatch):
         {"id": "long", "image": ["good.png"], "conversations": _conv("<image>\n" + "word " * 60, "yes")},
     ]
     (tmp_path / "train.json").write_text(json.dumps(records))
-    monkeypatch.setattr(validate_mod, "placeholder_lengths_for", lambda recipe: {"<image>": 16, "<image3d>": 32})
+    from medmvl_cli.model import token_counts
+
+    monkeypatch.setattr(token_counts, "placeholder_lengths_for_recipe", lambda recipe: {"<image>": 16, "<image3d>": 32})
     return tmp_path
 
 

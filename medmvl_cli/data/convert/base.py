@@ -16,12 +16,15 @@ import hashlib
 import json
 import os
 import tempfile
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Iterator, Optional, Sequence
+from typing import IO
 
+from medmvl_cli.constants import IMAGE_PLACEHOLDER, VOLUME_PLACEHOLDER
 from medmvl_cli.data.annotations import QUESTION_TYPES
 from medmvl_cli.errors import DataError
+
 IMAGE_BYTES_DIR = "images"
 CHOICE_LETTERS = "ABCD"
 
@@ -38,10 +41,10 @@ class ConvertOptions:
     """What the command line passes to converters (only some converters read each field)."""
 
     lang: str = "en"
-    image_column: Optional[str] = None
-    question_column: Optional[str] = None
-    answer_column: Optional[str] = None
-    question_type_column: Optional[str] = None
+    image_column: str | None = None
+    question_column: str | None = None
+    answer_column: str | None = None
+    question_type_column: str | None = None
 
 
 def vqa_record(
@@ -57,7 +60,7 @@ def vqa_record(
     """One MedM-VL record: placeholders first, then the question; the answer as the gpt turn."""
     if question_type not in QUESTION_TYPES:
         raise ValueError(f"question_type {question_type!r} is not one of {QUESTION_TYPES}")
-    placeholders = "<image>\n" * len(images) + "<image3d>\n" * len(volumes)
+    placeholders = f"{IMAGE_PLACEHOLDER}\n" * len(images) + f"{VOLUME_PLACEHOLDER}\n" * len(volumes)
     record: dict = {"id": rid}
     if images:
         record["image"] = list(images)
@@ -75,7 +78,7 @@ def vqa_record(
 
 def yes_no_type(answer: str) -> str:
     """closed for a yes / no answer, else open: the rule of the PathVQA and VQA-RAD parquet cards."""
-    from medmvl_cli.evaluation.metrics import is_yes_no
+    from medmvl_cli.data.answer_text import is_yes_no
 
     return "closed" if is_yes_no(answer) else "open"
 

@@ -23,8 +23,8 @@ from __future__ import annotations
 
 import ast
 import os
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator, Optional
 
 import numpy as np
 
@@ -85,7 +85,7 @@ def _record(row: dict, base: Path, media: Media, metadata: dict):
     return vqa_record(f"ct-rate-{name.removesuffix('.nii.gz')}", REPORT_PROMPT, report, "open", volumes=[rel])
 
 
-def hu_volume(name: str, base: Path, media: Media, metadata: dict) -> "str | Dropped":
+def hu_volume(name: str, base: Path, media: Media, metadata: dict) -> str | Dropped:
     """The output-relative path of volume `name` rewritten as HU (written on first use), or why not."""
     nested = find_volume(base, name)
     if nested is None:
@@ -103,7 +103,7 @@ def hu_volume(name: str, base: Path, media: Media, metadata: dict) -> "str | Dro
     return rel
 
 
-def find_volume(base: Path, name: str) -> Optional[str]:
+def find_volume(base: Path, name: str) -> str | None:
     """The path under `base` of volume `name`: the `_fixed` folder first, then the first release's."""
     nested = nested_path(name)
     if nested is None:
@@ -114,7 +114,7 @@ def find_volume(base: Path, name: str) -> Optional[str]:
     return None
 
 
-def nested_path(name: str) -> Optional[str]:
+def nested_path(name: str) -> str | None:
     """`train_1_a_1.nii.gz` -> `train/train_1/train_1_a/train_1_a_1.nii.gz`."""
     parts = name.removesuffix(".nii.gz").split("_")
     if len(parts) != 4 or not name.endswith(".nii.gz") or parts[0] not in SPLITS.values() or not all(parts):

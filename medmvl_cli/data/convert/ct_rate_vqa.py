@@ -30,8 +30,8 @@ The train file is large, so it is streamed record by record (`json_list_items`),
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 from medmvl_cli.data.convert.base import Dropped, Media, text, yes_no_type
 from medmvl_cli.data.convert.ct_rate import hu_volume, load_metadata

@@ -9,8 +9,8 @@ from the data; without it yes / no answers are closed, the others open.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator, Optional
 
 from medmvl_cli.data.convert.base import ConvertOptions, Dropped, Media, text, vqa_record, yes_no_type
 from medmvl_cli.data.convert.tables import table_rows, table_shards
@@ -20,7 +20,7 @@ NAME = "hf"
 _TYPES = {"closed": "closed", "open": "open", "choice": "choice", "yes/no": "closed"}
 
 
-def _columns(options: ConvertOptions) -> tuple[str, str, str, Optional[str]]:
+def _columns(options: ConvertOptions) -> tuple[str, str, str, str | None]:
     return (options.image_column or "image", options.question_column or "question",
             options.answer_column or "answer", options.question_type_column)
 

@@ -16,11 +16,19 @@ a report-generation record, the report read from its text file.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 from medmvl_cli.data.convert.base import (
-    CHOICE_LETTERS, ConvertOptions, Dropped, Media, choice_question, find_one, load_json, text, vqa_record,
+    CHOICE_LETTERS,
+    ConvertOptions,
+    Dropped,
+    Media,
+    choice_question,
+    find_one,
+    load_json,
+    text,
+    vqa_record,
 )
 from medmvl_cli.data.convert.tables import csv_rows
 

@@ -9,8 +9,8 @@ runs whatever code the file holds, so those are refused with a pointer to the pa
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 from medmvl_cli.data.convert import hf_parquet
 from medmvl_cli.data.convert.base import ConvertOptions, Media

@@ -13,11 +13,17 @@ answer "B. Focal uptake pattern" -- scored by `medmvl eval`'s choice accuracy.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator, Optional
 
 from medmvl_cli.data.convert.base import (
-    CHOICE_LETTERS, ConvertOptions, Dropped, Media, choice_question, text, vqa_record,
+    CHOICE_LETTERS,
+    ConvertOptions,
+    Dropped,
+    Media,
+    choice_question,
+    text,
+    vqa_record,
 )
 from medmvl_cli.data.convert.tables import csv_rows
 
@@ -55,7 +61,7 @@ def _record(row: dict, index: int, split: str, links: dict):
                       images=[image])
 
 
-def _image(name: str, links: dict) -> Optional[str]:
+def _image(name: str, links: dict) -> str | None:
     if not name or Path(name).is_absolute() or ".." in Path(name).parts:
         return None
     for folder, link in links.items():

@@ -11,16 +11,16 @@ import hashlib
 import json
 import logging
 from collections import Counter
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Optional, Union
 
 from medmvl_cli.data.convert.base import ConvertOptions, Dropped, Media, atomic_file
 from medmvl_cli.errors import DataError
 
 log = logging.getLogger(__name__)
 
-Row = Union[dict, list, Dropped]
+Row = dict | list | Dropped
 
 
 @dataclass(frozen=True)
@@ -40,7 +40,7 @@ class SplitReport:
     read: int = 0
     written: int = 0
     dropped: Counter = field(default_factory=Counter)
-    validation: Optional[dict] = None  # {"ok": bool, "problems": {kind: count}}
+    validation: dict | None = None  # {"ok": bool, "problems": {kind: count}}
 
     def to_dict(self) -> dict:
         return {"file": self.file.name, "read": self.read, "written": self.written,
@@ -67,8 +67,8 @@ def convert(
     converter: Converter,
     src: Path,
     out_dir: Path,
-    splits: Optional[list[str]] = None,
-    options: Optional[ConvertOptions] = None,
+    splits: list[str] | None = None,
+    options: ConvertOptions | None = None,
     validate: bool = True,
 ) -> ConvertReport:
     """Convert the `splits` of `src` (default: every split it holds) into `out_dir`."""
@@ -138,7 +138,7 @@ def _write_split(rows: Iterable[Row], report: SplitReport) -> None:
         fh.write("\n]\n")
 
 
-def _duplicate(record: dict, seen_ids: set[str], seen_content: set[bytes]) -> Optional[str]:
+def _duplicate(record: dict, seen_ids: set[str], seen_content: set[bytes]) -> str | None:
     """A record asking the same question of the same media with the same answer is dropped once
     seen; so is a reused id."""
     content = json.dumps([record.get("image"), record.get("image3d"), record["conversations"]], ensure_ascii=False)

@@ -10,8 +10,8 @@ questions, read whole) -- and the images under `imgs/` (`imgs/xmlab102/source.jp
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 from medmvl_cli.data.convert.base import ConvertOptions, Dropped, Media, find_one, load_json, text, vqa_record
 

@@ -12,8 +12,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 from medmvl_cli.data.convert import hf_parquet
 from medmvl_cli.data.convert.base import ConvertOptions, Dropped, Media, find_one, load_json, text, vqa_record

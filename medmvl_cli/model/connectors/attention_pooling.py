@@ -35,6 +35,12 @@ class AttentionPoolingConnector(Connector):
         self.attn = nn.MultiheadAttention(embed_dim=in_width, num_heads=heads, batch_first=True)
         self.mlp = make_mlp(in_width, out_width, spec.get("depth", 2), spec.get("activation", "gelu"))
 
+    def init_own_weights(self, std: float) -> None:
+        """The learned queries N(0, std); called by `MedmvlPreTrainedModel._init_weights`."""
+        from transformers import initialization as init
+
+        init.normal_(self.query, mean=0.0, std=std)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(N, T, in_width) -> (N, num_queries, out_width)."""
         queries = self.query.unsqueeze(0).expand(x.shape[0], -1, -1)

@@ -12,7 +12,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
 from medmvl_cli.errors import ModelError
 from medmvl_cli.model.encoders.base import Encoder, TokenLayout
@@ -34,7 +34,7 @@ def _lookup(kind: str) -> type[Encoder]:
     return ENCODERS[kind]
 
 
-def encoder_from_recipe(cfg: Any, volume: Optional[Any] = None, attn_implementation: str = "sdpa") -> Encoder:
+def encoder_from_recipe(cfg: Any, volume: Any | None = None, attn_implementation: str = "sdpa") -> Encoder:
     """Build the encoder a recipe section describes, released weights loaded."""
     return _lookup(cfg.type).from_recipe(cfg, volume=volume, attn_implementation=attn_implementation)
 

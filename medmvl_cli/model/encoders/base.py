@@ -8,11 +8,10 @@ original folder. `from_recipe` builds it from a recipe section and loads the rel
 
 from __future__ import annotations
 
-from abc import ABC, abstractmethod
-
 import math
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Any, ClassVar, Optional
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -84,12 +83,12 @@ class Encoder(nn.Module, ABC):
 
     @classmethod
     @abstractmethod
-    def from_recipe(cls, cfg: Any, volume: Optional[Any] = None, attn_implementation: str = "sdpa") -> "Encoder":
+    def from_recipe(cls, cfg: Any, volume: Any | None = None, attn_implementation: str = "sdpa") -> Encoder:
         """Build from a recipe section (`model.<branch>.encoder`) and load its released weights."""
         ...
 
     @classmethod
-    def from_arch(cls, arch: dict[str, Any], attn_implementation: str = "sdpa") -> "Encoder":
+    def from_arch(cls, arch: dict[str, Any], attn_implementation: str = "sdpa") -> Encoder:
         """Rebuild the architecture from `arch` with random weights (a saved model loads them after)."""
         return cls(arch, attn_implementation=attn_implementation)
 

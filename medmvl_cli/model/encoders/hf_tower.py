@@ -7,16 +7,15 @@ those hidden states (0 = the embeddings, -1 = the last layer, -2 = the one befor
 
 from __future__ import annotations
 
-from abc import abstractmethod
-
 import logging
-from typing import Any, ClassVar, Optional
+from abc import abstractmethod
+from typing import Any, ClassVar
 
 import torch
 
 from medmvl_cli.errors import ModelError
-from medmvl_cli.model.weight_files import check_safetensors
 from medmvl_cli.model.encoders.base import Encoder, TokenLayout, check_select_layer
+from medmvl_cli.model.weight_files import check_safetensors, reads_weights
 
 logger = logging.getLogger(__name__)
 
@@ -44,7 +43,7 @@ class HFVisionTower(Encoder):
     def _classes():  # (config class, model class, image processor class)
         ...
 
-    def __init__(self, arch: dict[str, Any], tower: Optional[torch.nn.Module] = None, attn_implementation: str = "sdpa"):
+    def __init__(self, arch: dict[str, Any], tower: torch.nn.Module | None = None, attn_implementation: str = "sdpa"):
         super().__init__(arch)
         config_cls, model_cls, _ = self._classes()
         if tower is None:
@@ -68,7 +67,7 @@ class HFVisionTower(Encoder):
         """Drop what the features never pass through (SigLIP's pooling head)."""
 
     @classmethod
-    def from_recipe(cls, cfg: Any, volume: Optional[Any] = None, attn_implementation: str = "sdpa") -> "HFVisionTower":
+    def from_recipe(cls, cfg: Any, volume: Any | None = None, attn_implementation: str = "sdpa") -> HFVisionTower:
         folder = tower_folder(cfg)
         config_cls, model_cls, _ = cls._classes()
         from transformers.utils import logging as hf_logging
@@ -78,9 +77,12 @@ class HFVisionTower(Encoder):
         hf_logging.set_verbosity_error()  # our own key report below replaces transformers' table
         try:
             config = config_cls.from_pretrained(folder)
-            tower, info = model_cls.from_pretrained(
-                folder, config=config, attn_implementation=attn_implementation, output_loading_info=True
-            )
+            if reads_weights():
+                tower, info = model_cls.from_pretrained(
+                    folder, config=config, attn_implementation=attn_implementation, output_loading_info=True
+                )
+            else:  # shapes only (`architecture_only`)
+                tower, info = model_cls._from_config(config, attn_implementation=attn_implementation), None
         except (OSError, ValueError) as err:
             raise ModelError(
                 f"{cls.type} encoder: cannot load a {model_cls.__name__} from {folder} ({err})",
@@ -88,7 +90,8 @@ class HFVisionTower(Encoder):
             ) from None
         finally:
             hf_logging.set_verbosity(verbosity)
-        check_loading_info(cls.type, folder, info)
+        if info is not None:
+            check_loading_info(cls.type, folder, info)
         cls._after_load(tower)
         processor = load_image_processor(folder, cls, int(config.image_size))
         arch = cls.make_arch(cfg, tower, processor)

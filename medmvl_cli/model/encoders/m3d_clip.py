@@ -17,12 +17,12 @@ Input: volumes (N, 1, 32, 256, 256) in [0, 1], as M3D's data are (min-max normal
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, ClassVar, Optional
+from typing import Any, ClassVar
 
 from medmvl_cli.errors import ModelError
-from medmvl_cli.model.encoders.monai_vit import MonaiViT3d
-from medmvl_cli.model.encoders.released import optional_size, read_config
-from medmvl_cli.model.encoders.volume_vit import VolumeViTEncoder, check_patch_grid, check_released_volume_size
+from medmvl_cli.model.encoders.monai_vit3d_module import MonaiViT3d
+from medmvl_cli.model.encoders.released_weights import optional_size, read_config
+from medmvl_cli.model.encoders.volume_vit_base import VolumeViTEncoder, check_patch_grid, check_released_volume_size
 
 M3D_DEFAULTS = {
     "img_size": (32, 256, 256), "patch_size": (4, 16, 16), "hidden_size": 768, "mlp_dim": 3072,
@@ -44,7 +44,7 @@ class M3dClipEncoder(VolumeViTEncoder):
         super().__init__(arch, vit)
 
     @classmethod
-    def from_recipe(cls, cfg: Any, volume: Optional[Any] = None, attn_implementation: str = "sdpa") -> "M3dClipEncoder":
+    def from_recipe(cls, cfg: Any, volume: Any | None = None, attn_implementation: str = "sdpa") -> M3dClipEncoder:
         folder = Path(cfg.path)
         released = read_config(folder)
         if released.get("pos_embed", "perceptron") != "perceptron":

@@ -20,13 +20,13 @@ and std 66.194, as its training data were.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, ClassVar, Optional
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
-from medmvl_cli.model.encoders.released import read_config
-from medmvl_cli.model.encoders.volume_vit import VolumeViTEncoder, check_patch_grid, check_released_volume_size
+from medmvl_cli.model.encoders.released_weights import read_config
+from medmvl_cli.model.encoders.volume_vit_base import VolumeViTEncoder, check_patch_grid, check_released_volume_size
 
 MEAN, STD = 55.6982188356434, 66.1943479570918
 MEDM_DEFAULTS = {
@@ -72,6 +72,13 @@ class MedmClipViT(nn.Module):
         self.grid = grid
         self.gradient_checkpointing = False
 
+    def init_own_weights(self, std: float) -> None:
+        """Its embeddings N(0, std); called by `MedmvlPreTrainedModel._init_weights`."""
+        from transformers import initialization as init
+
+        init.normal_(self.pos_embedding, mean=0.0, std=std)
+        init.normal_(self.cls_token, mean=0.0, std=std)
+
     def hidden_states(self, x: torch.Tensor, upto: int) -> torch.Tensor:
         """(N, 1, D, H, W) z-scored -> hidden state `upto` (0 = embeddings), (N, 1 + patches, dim)."""
         x = self.to_patch_embedding(x)
@@ -109,7 +116,7 @@ class MedmClipEncoder(VolumeViTEncoder):
         super().__init__(arch, vit)
 
     @classmethod
-    def from_recipe(cls, cfg: Any, volume: Optional[Any] = None, attn_implementation: str = "sdpa") -> "MedmClipEncoder":
+    def from_recipe(cls, cfg: Any, volume: Any | None = None, attn_implementation: str = "sdpa") -> MedmClipEncoder:
         folder = Path(cfg.path)
         sizes = _sizes(read_config(folder))
         check_patch_grid(sizes["img_size"], sizes["patch_size"], "medm_clip encoder")

@@ -12,7 +12,7 @@ the connectors' `slice_mean`.)
 
 from __future__ import annotations
 
-from typing import Any, ClassVar, Optional
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -30,7 +30,7 @@ class SliceEncoder(Encoder):
     type: ClassVar[str] = "slices"
     modality: ClassVar[str] = "volume"
 
-    def __init__(self, arch: dict[str, Any], base: Optional[HFVisionTower] = None, attn_implementation: str = "sdpa"):
+    def __init__(self, arch: dict[str, Any], base: HFVisionTower | None = None, attn_implementation: str = "sdpa"):
         super().__init__(arch)
         if base is None:
             base = BASES[arch["base"]].from_arch(arch["base_arch"], attn_implementation=attn_implementation)
@@ -41,12 +41,7 @@ class SliceEncoder(Encoder):
         self._norm_cache: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
     @classmethod
-    def from_recipe(cls, cfg: Any, volume: Optional[Any] = None, attn_implementation: str = "sdpa") -> "SliceEncoder":
-        if volume is not None and volume.size[0] != cfg.num_slices:
-            raise ModelError(
-                f"slices encoder: num_slices is {cfg.num_slices} but model.image3d.volume.size[0] is {volume.size[0]}",
-                hint="a slices encoder takes every slice of the preprocessed volume: make them equal",
-            )
+    def from_recipe(cls, cfg: Any, volume: Any | None = None, attn_implementation: str = "sdpa") -> SliceEncoder:
         base = BASES[cfg.base].from_recipe(cfg, attn_implementation=attn_implementation)
         arch = {
             "type": cls.type, "base": cfg.base, "num_slices": cfg.num_slices,

@@ -11,12 +11,12 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import Any, ClassVar, Optional
+from typing import Any, ClassVar
 
 from medmvl_cli.errors import ModelError
-from medmvl_cli.model.encoders.monai_vit import MonaiViT3d
-from medmvl_cli.model.encoders.released import read_config
-from medmvl_cli.model.encoders.volume_vit import VolumeViTEncoder, check_patch_grid
+from medmvl_cli.model.encoders.monai_vit3d_module import MonaiViT3d
+from medmvl_cli.model.encoders.released_weights import read_config
+from medmvl_cli.model.encoders.volume_vit_base import VolumeViTEncoder, check_patch_grid
 
 logger = logging.getLogger(__name__)
 
@@ -37,7 +37,7 @@ class Vit3dEncoder(VolumeViTEncoder):
         super().__init__(arch, vit, has_cls=has_cls)
 
     @classmethod
-    def from_recipe(cls, cfg: Any, volume: Optional[Any] = None, attn_implementation: str = "sdpa") -> "Vit3dEncoder":
+    def from_recipe(cls, cfg: Any, volume: Any | None = None, attn_implementation: str = "sdpa") -> Vit3dEncoder:
         from medmvl_cli.model.presets.models import VIT3D_PRESETS
 
         size = tuple(volume.size) if volume is not None else (32, 256, 256)

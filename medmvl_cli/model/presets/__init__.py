@@ -5,6 +5,6 @@
   ``AutoTokenizer.from_pretrained``. Find a folder with
   :func:`medmvl_cli.model.presets.tokenizer_files.preset_tokenizer_dir`.
 - ``corpus.txt``: the medical text those tokenizers were trained on.
-- ``make_tokenizers.py``: regenerates the folders
-  (``python -m medmvl_cli.model.presets.make_tokenizers``).
+- ``tools/make_tokenizers.py``: regenerates the folders
+  (``python tools/make_tokenizers.py``).
 """

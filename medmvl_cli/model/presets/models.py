@@ -139,8 +139,12 @@ def encoder_preset_dir(kind: str) -> Path:
     def write(folder: Path) -> None:
         import torch
         from transformers import (
-            CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel,
-            SiglipImageProcessor, SiglipVisionConfig, SiglipVisionModel,
+            CLIPImageProcessor,
+            CLIPVisionConfig,
+            CLIPVisionModel,
+            SiglipImageProcessor,
+            SiglipVisionConfig,
+            SiglipVisionModel,
         )
 
         size = fields["image_size"]

@@ -3,15 +3,15 @@
 Each family's tokenizer is a small byte-level BPE (about 3k merges, trained on ``corpus.txt``)
 carrying the real family's special tokens, bos / eos / pad choices and chat template, plus the
 image placeholders ``<image>`` and ``<image3d>`` as special (never split) tokens. The folders are
-written by ``make_tokenizers.py``; this module only describes and finds them (no heavy imports).
+written by ``tools/make_tokenizers.py``; this module only describes and finds them (no heavy imports).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
 
+from medmvl_cli.constants import PLACEHOLDERS
 from medmvl_cli.errors import ModelError
 
 TOKENIZERS_ROOT = Path(__file__).resolve().parent / "tokenizers"
@@ -25,7 +25,6 @@ PRE_TOKENIZER_REGEX = {
     "gpt2": None,  # the ByteLevel pre-tokenizer's own regex
 }
 
-PLACEHOLDER_TOKENS = ("<image>", "<image3d>")
 
 
 @dataclass(frozen=True)
@@ -35,33 +34,33 @@ class TokenizerSpec:
 
     family: str
     special_tokens: tuple[str, ...]
-    bos_token: Optional[str]
+    bos_token: str | None
     eos_token: str
     pad_token: str
     add_bos: bool  # whether plain `tokenizer(text)` prepends bos (Llama-3 does, the others do not)
     pre_tokenizer: str  # key of PRE_TOKENIZER_REGEX
     nfc: bool = False  # Qwen2 normalises text to NFC first
-    unk_token: Optional[str] = None
+    unk_token: str | None = None
 
 
 TOKENIZER_SPECS: dict[str, TokenizerSpec] = {
     "qwen2": TokenizerSpec(
         family="qwen2",
-        special_tokens=("<|endoftext|>", "<|im_start|>", "<|im_end|>") + PLACEHOLDER_TOKENS,
+        special_tokens=("<|endoftext|>", "<|im_start|>", "<|im_end|>") + PLACEHOLDERS,
         bos_token=None, eos_token="<|im_end|>", pad_token="<|endoftext|>",
         add_bos=False, pre_tokenizer="qwen2", nfc=True,
     ),
     "llama3": TokenizerSpec(
         family="llama3",
         special_tokens=("<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>",
-                        "<|end_header_id|>", "<|eot_id|>") + PLACEHOLDER_TOKENS,
+                        "<|end_header_id|>", "<|eot_id|>") + PLACEHOLDERS,
         # eos is the end-of-turn token, as in Llama-3-Instruct, so generation stops after a reply.
         bos_token="<|begin_of_text|>", eos_token="<|eot_id|>", pad_token="<|end_of_text|>",
         add_bos=True, pre_tokenizer="llama3",
     ),
     "phi": TokenizerSpec(
         family="phi",
-        special_tokens=("<|endoftext|>",) + PLACEHOLDER_TOKENS,
+        special_tokens=("<|endoftext|>",) + PLACEHOLDERS,
         # Phi-2 uses <|endoftext|> for everything; pad == eos, so attention masks must come from
         # lengths, never from `input_ids != pad_token_id`.
         bos_token="<|endoftext|>", eos_token="<|endoftext|>", pad_token="<|endoftext|>",
@@ -70,7 +69,7 @@ TOKENIZER_SPECS: dict[str, TokenizerSpec] = {
     "phi3": TokenizerSpec(
         family="phi3",
         special_tokens=("<s>", "<|endoftext|>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>")
-        + PLACEHOLDER_TOKENS,
+        + PLACEHOLDERS,
         # eos is the end-of-turn token <|end|> (Phi-3 lists it among its generation eos ids), so
         # generation stops after a reply; <|endoftext|> closes a whole conversation and pads.
         bos_token="<s>", eos_token="<|end|>", pad_token="<|endoftext|>",
@@ -92,7 +91,7 @@ def preset_tokenizer_dir(family: str) -> Path:
     if not (folder / "tokenizer.json").is_file():
         raise ModelError(
             f"the preset tokenizer folder {folder} is missing or incomplete",
-            hint="reinstall medmvl, or regenerate it: python -m medmvl_cli.model.presets.make_tokenizers",
+            hint="reinstall medmvl, or regenerate it: python tools/make_tokenizers.py",
         )
     return folder
 

@@ -1,4 +1,7 @@
-"""LLaVA-Med's answer normalisation, reproduced rule for rule.
+"""LLaVA-Med's answer normalisation, reproduced rule for rule, and the yes / no rule built on it.
+
+Both the converters (a record's question kind) and the metrics (closed accuracy) use them, so they
+sit on the data side.
 
 LLaVA-Med (`llava/eval/eval_metrics/glossary.py`, `normalize_word`) normalises both the prediction
 and the reference before its closed accuracy and open recall. Its rules, in order:
@@ -91,3 +94,11 @@ def normalize_answer(text: str) -> str:
     words = [NUMBER_WORDS.get(w, w) for w in out.lower().split()]
     words = [CONTRACTIONS.get(w, w) for w in words if w not in ARTICLES]
     return " ".join(words).replace(",", "")
+
+
+YES_NO = ("yes", "no")
+
+
+def is_yes_no(answer: str) -> bool:
+    """The reference answer is yes or no (after normalisation)."""
+    return normalize_answer(answer) in YES_NO

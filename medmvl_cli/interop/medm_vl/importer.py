@@ -1,7 +1,7 @@
 """`medmvl import medm-vl`: a MedM-VL checkpoint folder -> a medmvl run folder.
 
 The checkpoint is converted file to file: MedM-VL's settings become a medmvl model config and its
-weights are renamed into medmvl's layout (`medmvl_mapping.py`: every key accounted for, a key with
+weights are renamed into medmvl's layout (`medm_vl/mapping.py`: every key accounted for, a key with
 no place or a weight the model needs that the checkpoint lacks is an error naming it); the
 tokenizer gains the `<image>` / `<image3d>` placeholders (the embeddings grow when they must); the
 run folder gets recipe.yaml, model/ and FINISHED, and its model is loaded once before the folder
@@ -12,19 +12,19 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import torch
 
 from medmvl_cli.errors import ModelError
-from medmvl_cli.interop.medmvl_checkpoint import MedmvlCheckpoint, has_tokenizer, llm_config, read_checkpoint
-from medmvl_cli.interop.medmvl_mapping import Branch, Plan, check_weights, plan_import, rename_weights
+from medmvl_cli.interop.medm_vl.checkpoint import MedmVlCheckpoint, has_tokenizer, llm_config, read_checkpoint
+from medmvl_cli.interop.medm_vl.mapping import Branch, Plan, check_weights, plan_import, rename_weights
 
 logger = logging.getLogger(__name__)
 
 
 # ----------------------------------------------------------------------------------- the import
-def load_tokenizer(checkpoint: MedmvlCheckpoint, tokenizer_dir: Optional[Path], llm_dir: Optional[Path], text_config):
+def load_tokenizer(checkpoint: MedmVlCheckpoint, tokenizer_dir: Path | None, llm_dir: Path | None, text_config):
     """The LLM's tokenizer: saved beside the weights, else --tokenizer, else the --llm folder's."""
     from transformers import AutoTokenizer
 
@@ -47,7 +47,7 @@ def add_placeholders(tokenizer) -> dict[str, int]:
     """`<image>` / `<image3d>` as single special tokens (MedM-VL used ids outside the vocabulary)."""
     from tokenizers import AddedToken
 
-    from medmvl_cli.model.llm import PLACEHOLDERS
+    from medmvl_cli.constants import PLACEHOLDERS
 
     missing = [t for t in PLACEHOLDERS if t not in tokenizer.get_vocab()]
     if missing:
@@ -58,12 +58,7 @@ def add_placeholders(tokenizer) -> dict[str, int]:
 
 
 def branch_settings(branch: Branch) -> dict[str, Any]:
-    from medmvl_cli.config.schema import VolumeConfig
-
-    if branch.name == "image":
-        return {"encoder": branch.arch, "connector": branch.connector, "window": None}
-    volume = VolumeConfig.model_validate(branch.volume).model_dump(mode="json")
-    return {"encoder": branch.arch, "connector": branch.connector, "volume": volume}
+    return {"encoder": branch.arch, "connector": branch.connector}
 
 
 def expected_weights(config) -> tuple[dict[str, torch.Size], str, str]:
@@ -91,23 +86,23 @@ def grow_embeddings(weights: dict[str, torch.Tensor], names: tuple[str, str], ro
         weights[name] = torch.cat([old, extra])
 
 
-def model_config(checkpoint: MedmvlCheckpoint, plan: Plan, text_config, token_ids: dict[str, int]):
+def model_config(checkpoint: MedmVlCheckpoint, plan: Plan, text_config, token_ids: dict[str, int]):
     """The medmvl model config (`MedmvlConfig`) of the imported model."""
+    from medmvl_cli.constants import IMAGE_PLACEHOLDER, VOLUME_PLACEHOLDER
     from medmvl_cli.model.configuration import MedmvlConfig
-    from medmvl_cli.model.llm import IMAGE3D_TOKEN, IMAGE_TOKEN
 
     settings = {b.name: branch_settings(b) for b in plan.branches}
     config = MedmvlConfig(
         text_config=text_config, image=settings.get("image"), image3d=settings.get("image3d"),
-        image_token_id=token_ids[IMAGE_TOKEN], image3d_token_id=token_ids[IMAGE3D_TOKEN], template=plan.template,
-        max_length=int(checkpoint.get("llm_max_length") or 2048), attn_implementation="sdpa",
+        image_token_id=token_ids[IMAGE_PLACEHOLDER], image3d_token_id=token_ids[VOLUME_PLACEHOLDER],
+        attn_implementation="sdpa",
     )
     config.architectures = ["MedmvlForConditionalGeneration"]
     return config
 
 
 def fit_vocabulary(weights: dict[str, torch.Tensor], config, tokenizer, token_ids: dict[str, int],
-                   notes: list[str]) -> tuple[dict[str, torch.Size], str, Optional[str]]:
+                   notes: list[str]) -> tuple[dict[str, torch.Size], str, str | None]:
     """Make room for the placeholder ids (growing the embeddings and `config`'s vocab_size when
     needed) and settle the output head; returns (expected weights, the embedding's name, the head's
     name when it is not tied to the embeddings)."""
@@ -127,20 +122,20 @@ def fit_vocabulary(weights: dict[str, torch.Tensor], config, tokenizer, token_id
     return expected, embed, (None if tied else head)
 
 
-def import_medm_vl(src: Path, out: Path, *, tokenizer_dir: Optional[Path] = None, llm_dir: Optional[Path] = None,
-                   image_encoder_dir: Optional[Path] = None, image3d_encoder_dir: Optional[Path] = None,
-                   template: Optional[str] = None, branch: str = "auto", num_slices: int = 32,
+def import_medm_vl(src: Path, out: Path, *, tokenizer_dir: Path | None = None, llm_dir: Path | None = None,
+                   image_encoder_dir: Path | None = None, image3d_encoder_dir: Path | None = None,
+                   template: str | None = None, branch: str = "auto", num_slices: int = 32,
                    slice_pooling: str = "concat",
-                   dtype: Optional[str] = None, allow_approximate: bool = False, overwrite: bool = False) -> Path:
+                   dtype: str | None = None, allow_approximate: bool = False, overwrite: bool = False) -> Path:
     """Convert the MedM-VL checkpoint in `src` into the run folder `out` (written atomically)."""
-    from medmvl_cli.engine.run_folder import write_marker
     from medmvl_cli.interop.staging import RUN, check_output, staged_folder
     from medmvl_cli.model.llm import resolve_dtype
+    from medmvl_cli.runs.folder import write_marker
 
     out = Path(out)
     check_output(out, overwrite, RUN)
     checkpoint = read_checkpoint(src)
-    plan, processor = plan_import(
+    plan, image_processor = plan_import(
         checkpoint, branch=branch, num_slices=num_slices, slice_pooling=slice_pooling, template=template,
         image_encoder_dir=image_encoder_dir, image3d_encoder_dir=image3d_encoder_dir, allow_approximate=allow_approximate,
     )
@@ -159,31 +154,39 @@ def import_medm_vl(src: Path, out: Path, *, tokenizer_dir: Optional[Path] = None
         logger.info("import: %s", note)
     with staged_folder(out, overwrite, RUN) as staging:
         write_marker(staging)
-        write_model(staging / "model", config, weights, tokenizer, processor)
+        write_model(staging / "model", config, weights, data_processor(checkpoint, plan, config, tokenizer, image_processor))
         write_run_files(staging, out, checkpoint, plan)
     logger.info("imported %s into %s", src, out)
     return out
 
 
-def write_model(folder: Path, config, weights: dict[str, torch.Tensor], tokenizer, processor) -> None:
+def data_processor(checkpoint: MedmVlCheckpoint, plan: Plan, config, tokenizer, image_processor):
+    """The imported model's `MedmvlProcessor`: MedM-VL's prompt format and max_length, the volume
+    preprocessing of the plan, the token counts of the model's branches."""
+    from medmvl_cli.data.processor import MedmvlProcessor
+    from medmvl_cli.model.token_counts import placeholder_lengths_for_config
+
+    volumes = [b.volume for b in plan.branches if b.volume is not None]
+    return MedmvlProcessor(tokenizer, plan.template, max_length=int(checkpoint.get("llm_max_length") or 2048),
+                           tokens=placeholder_lengths_for_config(config), image_processor=image_processor,
+                           volume=volumes[0] if volumes else None)
+
+
+def write_model(folder: Path, config, weights: dict[str, torch.Tensor], processor) -> None:
     """The medmvl model folder, then loaded once to prove it loads."""
     from huggingface_hub import save_torch_state_dict
 
-    from medmvl_cli.data.templates import get_template
-    from medmvl_cli.model.builder import load_model
+    from medmvl_cli.inference.load import load
 
     folder.mkdir(parents=True)
     config.save_pretrained(folder)
     save_torch_state_dict(weights, folder, max_shard_size="2GB", metadata={"format": "pt"})
-    tokenizer.chat_template = get_template(config.template).jinja(tokenizer)
-    tokenizer.save_pretrained(folder)
-    if processor is not None:
-        processor.save_pretrained(folder)
-    model = load_model(folder, dtype=config.dtype)[0]
+    processor.save_pretrained(folder)
+    model, _ = load(folder, dtype=config.dtype, device=None)
     del model
 
 
-def recipe_tree(checkpoint: MedmvlCheckpoint, plan: Plan, out: Path) -> dict[str, Any]:
+def recipe_tree(checkpoint: MedmVlCheckpoint, plan: Plan, out: Path) -> dict[str, Any]:
     """The recipe that describes the imported model (the paths are where MedM-VL took its parts)."""
     model: dict[str, Any] = {"llm": {
         "path": checkpoint.get("llm_name_or_path") or str(checkpoint.folder), "template": plan.template,
@@ -200,12 +203,12 @@ def recipe_tree(checkpoint: MedmvlCheckpoint, plan: Plan, out: Path) -> dict[str
     return {"stage": "finetune", "output_dir": str(out.absolute()), "model": model}
 
 
-def write_run_files(staging: Path, out: Path, checkpoint: MedmvlCheckpoint, plan: Plan) -> None:
+def write_run_files(staging: Path, out: Path, checkpoint: MedmVlCheckpoint, plan: Plan) -> None:
     from medmvl_cli import __version__
     from medmvl_cli.config.loader import dump_recipe
     from medmvl_cli.config.resolve import resolve_stage
     from medmvl_cli.config.schema import Recipe
-    from medmvl_cli.engine.run_folder import RECIPE, RunFolder, git_revision
+    from medmvl_cli.runs.folder import RECIPE, RunFolder, git_revision
 
     recipe, _ = resolve_stage(Recipe.model_validate(recipe_tree(checkpoint, plan, out)), "finetune")
     header = [f"# medmvl {__version__}, git {git_revision()}",

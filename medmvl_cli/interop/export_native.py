@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import Optional
 
 logger = logging.getLogger(__name__)
 
@@ -38,19 +37,18 @@ def has_adapter(model_dir: Path) -> bool:
 
 
 def export_medmvl(model_dir: Path, out: Path, *, merge_lora: bool = False, overwrite: bool = False,
-                  dtype: Optional[str] = None) -> Path:
+                  dtype: str | None = None) -> Path:
     """Write the model of `model_dir` to `out` (atomically); returns `out`."""
-    from medmvl_cli.data.templates import get_template
+    from medmvl_cli.inference.load import load
     from medmvl_cli.interop.staging import EXPORT, check_output, staged_folder, write_export_manifest
-    from medmvl_cli.model.builder import load_model, save_model
+    from medmvl_cli.model.builder import save_model
 
     check_output(Path(out), overwrite, EXPORT)  # before the slow load
-    model, tokenizer, image_processor = load_model(model_dir, dtype=dtype or saved_dtype(model_dir), merge_lora=merge_lora)
+    model, processor = load(model_dir, dtype=dtype or saved_dtype(model_dir), device=None, merge_lora=merge_lora)
     if merge_lora and not has_adapter(model_dir):
         logger.info("%s has no LoRA adapter: nothing to merge", model_dir)
-    tokenizer.chat_template = get_template(model.config.template).jinja(tokenizer)
     with staged_folder(out, overwrite, EXPORT) as staging:
-        save_model(model, staging, tokenizer, image_processor)
+        save_model(model, staging, processor)
         write_export_manifest(staging)
     logger.info("exported %s to %s%s", model_dir, out, " (LoRA merged)" if merge_lora else "")
     return out

@@ -10,7 +10,7 @@ token has none), as in M3D. Attention runs through PyTorch SDPA (`use_flash_atte
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -65,6 +65,23 @@ class MonaiViT3d(nn.Module):
             self.cls_token = nn.Parameter(torch.zeros(1, 1, hidden_size))
         self.grid = tuple(s // p for s, p in zip(img_size, patch_size))
         self.gradient_checkpointing = False
+
+    def init_own_weights(self, std: float) -> None:
+        """The ViT init (MONAI's, timm's): every linear layer N(0, std), biases zero; called by
+        `MedmvlPreTrainedModel._init_weights` after the children's fan-in init. With the fan-in init
+        the blocks' residual branches start ~3x larger than the patch embedding and add one vector
+        common to all tokens (attention at init averages them), burying the per-patch signal at the
+        selected layer."""
+        from transformers import initialization as init
+
+        for linear in self.modules():
+            if isinstance(linear, nn.Linear):
+                init.trunc_normal_(linear.weight, mean=0.0, std=std, a=-2.0, b=2.0)
+                if linear.bias is not None:
+                    init.zeros_(linear.bias)
+        init.trunc_normal_(self.patch_embedding.position_embeddings, mean=0.0, std=std, a=-2.0, b=2.0)
+        if hasattr(self, "cls_token"):
+            init.zeros_(self.cls_token)
 
     def hidden_states(self, x: torch.Tensor, upto: int) -> torch.Tensor:
         """(N, C, D, H, W) -> hidden state number `upto` (0 = embeddings after the CLS token is

@@ -1,8 +1,8 @@
 """Regenerate the preset tokenizers shipped in ``tokenizers/<family>/``.
 
-    python -m medmvl_cli.model.presets.make_tokenizers            # rewrite all four folders
-    python -m medmvl_cli.model.presets.make_tokenizers --check    # exit 1 if a folder would change
-    python -m medmvl_cli.model.presets.make_tokenizers --out DIR  # write elsewhere
+    python tools/make_tokenizers.py            # rewrite all four folders
+    python tools/make_tokenizers.py --check    # exit 1 if a folder would change
+    python tools/make_tokenizers.py --out DIR  # write elsewhere
 
 Each family gets a byte-level BPE trained on ``corpus.txt`` (deterministic: same corpus, same
 merges), its family's pre-tokenizer, special tokens (ids after the BPE vocabulary), bos / eos / pad
@@ -28,7 +28,7 @@ from medmvl_cli.model.presets.tokenizer_files import (
 
 logger = logging.getLogger(__name__)
 
-CORPUS = Path(__file__).resolve().parent / "corpus.txt"
+CORPUS = TOKENIZERS_ROOT.parent / "corpus.txt"
 BPE_VOCAB_SIZE = 3072  # merges + the 256 byte symbols, before special tokens
 
 
@@ -38,7 +38,17 @@ def corpus_lines() -> list[str]:
 
 def build_tokenizer(spec: TokenizerSpec, lines: list[str]):
     """A ``PreTrainedTokenizerFast`` for one family, trained on ``lines``."""
-    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    from tokenizers import (
+        AddedToken,
+        Regex,
+        Tokenizer,
+        decoders,
+        models,
+        normalizers,
+        pre_tokenizers,
+        processors,
+        trainers,
+    )
     from transformers import PreTrainedTokenizerFast
 
     from medmvl_cli.data.templates import get_template
@@ -124,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
                  if not (TOKENIZERS_ROOT / f / "tokenizer.json").is_file()
                  or folder_fingerprint(folder) != folder_fingerprint(TOKENIZERS_ROOT / f)]
     if stale:
-        logger.error("out of date: %s (run python -m medmvl_cli.model.presets.make_tokenizers)", ", ".join(stale))
+        logger.error("out of date: %s (run python tools/make_tokenizers.py)", ", ".join(stale))
         return 1
     logger.info("all preset tokenizers are up to date")
     return 0

@@ -11,11 +11,12 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from medmvl_cli.constants import RECIPES_DIR
 from medmvl_cli.errors import RunError
 
 logger = logging.getLogger(__name__)
 
-RECIPES = Path(__file__).resolve().parents[2] / "recipes" / "quickstart"
+RECIPES = RECIPES_DIR / "quickstart"
 CASES = {"2d": 400, "3d": 240}
 
 
@@ -35,7 +36,7 @@ def quickstart_recipe(kind: str) -> Path:
     recipe = RECIPES / f"tiny-{'2d' if kind == '2d' else 'ct'}.yaml"
     if not recipe.is_file():
         raise RunError(f"the quickstart recipe {recipe} is missing",
-                       hint="run the quickstart from a clone of the medmvl repository (pip install -e .)")
+                       hint="reinstall medmvl: its recipes ship inside the package")
     return recipe
 
 
@@ -45,9 +46,9 @@ def run_quickstart(kind: str, workdir: Path, n: int | None = None, overrides: tu
     from medmvl_cli.data.synth import EASY, QUESTIONS, synthesize
     from medmvl_cli.engine.stages import train_stage
     from medmvl_cli.evaluation.metrics import exact_match
+    from medmvl_cli.evaluation.predictions_file import read_predictions
     from medmvl_cli.inference.generate import GenerationSettings, Predictor
     from medmvl_cli.inference.predictions import predict_file
-    from medmvl_cli.evaluation.predictions_file import read_predictions
 
     start = time.perf_counter()
     data = workdir / "data" / "quickstart"

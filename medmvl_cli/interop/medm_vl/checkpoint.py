@@ -27,7 +27,7 @@ import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import torch
 
@@ -42,12 +42,12 @@ PROVENANCE_KEYS = ("_name_or_path", "transformers_version", "architectures", "_a
 
 
 @dataclass
-class MedmvlCheckpoint:
+class MedmVlCheckpoint:
     """A MedM-VL checkpoint folder: its config.json and (loaded on demand) its weights."""
 
     folder: Path
     config: dict[str, Any]
-    _weights: Optional[dict[str, torch.Tensor]] = field(default=None, repr=False)
+    _weights: dict[str, torch.Tensor] | None = field(default=None, repr=False)
 
     def get(self, name: str, default: Any = None) -> Any:
         """A MedM-VL setting by its name without the `lvlm_` prefix (either spelling is read)."""
@@ -56,7 +56,7 @@ class MedmvlCheckpoint:
                 return self.config[key]
         return default
 
-    def nested(self, *names: str) -> Optional[dict]:
+    def nested(self, *names: str) -> dict | None:
         """A sub-config MedM-VL nested in config.json (older checkpoints), if any."""
         for name in names:
             for key in (f"lvlm_{name}", name):
@@ -68,7 +68,7 @@ class MedmvlCheckpoint:
     @property
     def weights(self) -> dict[str, torch.Tensor]:
         if self._weights is None:
-            from medmvl_cli.model.encoders.released import read_state_dict
+            from medmvl_cli.model.encoders.released_weights import read_state_dict
 
             self._weights, source = read_state_dict(self.folder, "MedM-VL checkpoint")
             logger.info("read %d tensors from %s", len(self._weights), source)
@@ -82,7 +82,7 @@ def has_tokenizer(folder: Path) -> bool:
     return any((Path(folder) / name).is_file() for name in TOKENIZER_FILES)
 
 
-def read_checkpoint(folder: Path) -> MedmvlCheckpoint:
+def read_checkpoint(folder: Path) -> MedmVlCheckpoint:
     """The checkpoint in `folder`; ModelError when it is not a MedM-VL one."""
     folder = Path(folder)
     path = folder / "config.json"
@@ -93,7 +93,7 @@ def read_checkpoint(folder: Path) -> MedmvlCheckpoint:
         config = json.loads(path.read_text())
     except ValueError as err:
         raise ModelError(f"{path} is not valid JSON ({err})") from None
-    checkpoint = MedmvlCheckpoint(folder, config)
+    checkpoint = MedmVlCheckpoint(folder, config)
     if config.get("model_type") != "lvlm" and not is_release_day_layout(config):
         raise ModelError(
             f"{path} has model_type {config.get('model_type')!r}, not MedM-VL's 'lvlm' (nor the release-day layout: "
@@ -112,7 +112,7 @@ def is_release_day_layout(config: dict) -> bool:
             and config.get("llm_type") is not None)
 
 
-def component_folder(name_or_path: Optional[str], given: Optional[Path], what: str, option: str) -> Optional[Path]:
+def component_folder(name_or_path: str | None, given: Path | None, what: str, option: str) -> Path | None:
     """The folder a part's config is read from: the option, else `name_or_path` if it is local."""
     if given is not None:
         given = Path(given).expanduser()
@@ -131,7 +131,7 @@ def read_json(path: Path) -> dict:
         raise ModelError(f"cannot read {path} ({err})") from None
 
 
-def llm_config(checkpoint: MedmvlCheckpoint, llm_dir: Optional[Path]):
+def llm_config(checkpoint: MedmVlCheckpoint, llm_dir: Path | None):
     """The LLM's transformers config: nested in config.json, or read from the LLM's folder."""
     from transformers import AutoConfig
 
@@ -156,7 +156,7 @@ def llm_config(checkpoint: MedmvlCheckpoint, llm_dir: Optional[Path]):
         raise ModelError(f"the LLM's config (model_type {kind!r}) cannot be read by transformers ({err})") from None
 
 
-def vision_config(checkpoint: MedmvlCheckpoint, kind: str, encoder_dir: Optional[Path]) -> tuple[dict, Optional[Path]]:
+def vision_config(checkpoint: MedmVlCheckpoint, kind: str, encoder_dir: Path | None) -> tuple[dict, Path | None]:
     """(the CLIP / SigLIP vision config as a dict, the encoder folder or None) of the 2D encoder."""
     from transformers import CLIPVisionConfig, SiglipVisionConfig
 
@@ -178,7 +178,7 @@ def vision_config(checkpoint: MedmvlCheckpoint, kind: str, encoder_dir: Optional
     return {k: v for k, v in config.to_dict().items() if k not in PROVENANCE_KEYS}, folder
 
 
-def image3d_encoder_config(checkpoint: MedmvlCheckpoint, encoder_dir: Optional[Path]) -> tuple[dict, Optional[Path]]:
+def image3d_encoder_config(checkpoint: MedmVlCheckpoint, encoder_dir: Path | None) -> tuple[dict, Path | None]:
     """(the 3D encoder's released config.json as a dict, {} when absent; its folder or None)."""
     folder = component_folder(checkpoint.get("encoder_image3d_name_or_path"), encoder_dir, "3D encoder", "--image3d-encoder")
     data = checkpoint.nested("encoder_image3d_config")

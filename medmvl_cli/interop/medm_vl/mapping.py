@@ -23,16 +23,18 @@ import logging
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import torch
 
+from medmvl_cli.config.names import NATIVE_TEMPLATES
 from medmvl_cli.errors import ModelError
-from medmvl_cli.interop.medmvl_checkpoint import MedmvlCheckpoint, image3d_encoder_config, vision_config
+from medmvl_cli.interop.medm_vl.checkpoint import MedmVlCheckpoint, image3d_encoder_config, vision_config
 
 logger = logging.getLogger(__name__)
 
-TEMPLATES = {"qwen2": "medmvl-qwen2", "llama3": "medmvl-llama3", "phi": "medmvl-phi", "phi3": "medmvl-phi3"}
+# MedM-VL's LLM type -> its prompt layout for that family.
+TEMPLATES = {family: f"medmvl-{family}" for family in NATIVE_TEMPLATES}
 ENCODERS_2D = ("clip", "siglip")
 ENCODERS_3D = {"m3dclip": "m3d_clip", "medmclip": "medm_clip"}
 ATTN_POOLING_HEADS = 8  # fixed in MedM-VL's AttnPooling
@@ -56,7 +58,7 @@ class Branch:
     encoder: dict[str, Any]  # the recipe section (type, path, select_layer, select_feature, ...)
     arch: dict[str, Any]  # the encoder's arch (config.json of the model)
     connector: dict[str, Any]
-    volume: Optional[dict[str, Any]] = None
+    volume: dict[str, Any] | None = None
     renames: list[tuple[str, str]] = field(default_factory=list)  # (source prefix, target prefix)
     dropped: list[str] = field(default_factory=list)  # source prefixes of weights the model never uses
 
@@ -69,7 +71,7 @@ class Plan:
 
 
 # ------------------------------------------------------------------------------------------ plan
-def connector_spec(checkpoint: MedmvlCheckpoint, source: str, slice_mean: bool) -> dict[str, Any]:
+def connector_spec(checkpoint: MedmVlCheckpoint, source: str, slice_mean: bool) -> dict[str, Any]:
     """The medmvl connector spec of `connector_image` / `connector_image3d`."""
     kind = checkpoint.get(f"{source}_type")
     name = checkpoint.get(f"{source}_name") or ""
@@ -111,7 +113,7 @@ def select_feature_2d(kind: str, feature: str, allow_approximate: bool, notes: l
     return feature
 
 
-def image_processor(kind: str, folder: Optional[Path], image_size: int):
+def image_processor(kind: str, folder: Path | None, image_size: int):
     """The 2D encoder folder's image processor (what MedM-VL used), else the backend's defaults."""
     from medmvl_cli.model.encoders.hf_tower import default_image_processor
 
@@ -123,7 +125,7 @@ def image_processor(kind: str, folder: Optional[Path], image_size: int):
     return default_image_processor(kind, image_size)
 
 
-def plan_2d(checkpoint: MedmvlCheckpoint, as_slices: bool, as_image: bool, encoder_dir: Optional[Path],
+def plan_2d(checkpoint: MedmVlCheckpoint, as_slices: bool, as_image: bool, encoder_dir: Path | None,
             num_slices: int, slice_pooling: str, allow_approximate: bool, notes: list[str]):
     """The branches made from MedM-VL's 2D encoder (image, slices or both), and its processor."""
     kind = checkpoint.get("encoder_image_type")
@@ -165,9 +167,9 @@ def plan_2d(checkpoint: MedmvlCheckpoint, as_slices: bool, as_image: bool, encod
     return branches, (processor if as_image else None)
 
 
-def plan_3d(checkpoint: MedmvlCheckpoint, encoder_dir: Optional[Path], notes: list[str]) -> Branch:
+def plan_3d(checkpoint: MedmVlCheckpoint, encoder_dir: Path | None, notes: list[str]) -> Branch:
     from medmvl_cli.model.encoders import m3d_clip, medm_clip
-    from medmvl_cli.model.encoders.released import optional_size
+    from medmvl_cli.model.encoders.released_weights import optional_size
 
     source_kind = checkpoint.get("encoder_image3d_type")
     if source_kind not in ENCODERS_3D:
@@ -201,9 +203,9 @@ def plan_3d(checkpoint: MedmvlCheckpoint, encoder_dir: Optional[Path], notes: li
     )
 
 
-def plan_import(checkpoint: MedmvlCheckpoint, *, branch: str = "auto", num_slices: int = 32,
-                slice_pooling: str = "concat", template: Optional[str] = None, image_encoder_dir: Optional[Path] = None,
-                image3d_encoder_dir: Optional[Path] = None, allow_approximate: bool = False):
+def plan_import(checkpoint: MedmVlCheckpoint, *, branch: str = "auto", num_slices: int = 32,
+                slice_pooling: str = "concat", template: str | None = None, image_encoder_dir: Path | None = None,
+                image3d_encoder_dir: Path | None = None, allow_approximate: bool = False):
     """(the plan, the 2D image processor or None) for a checkpoint."""
     from medmvl_cli.data.templates import get_template
 
@@ -272,7 +274,7 @@ def _shorten(keys, limit: int = 8) -> str:
 
 
 def check_weights(ours: dict[str, torch.Tensor], unplaced: list[str], origin: dict[str, str],
-                  expected: dict[str, torch.Size], source: Path, untied_head: Optional[str]) -> None:
+                  expected: dict[str, torch.Size], source: Path, untied_head: str | None) -> None:
     """Every expected weight present with its shape; every source key placed. ModelError otherwise,
     naming source keys (and our names for the weights the checkpoint lacks).
     `untied_head`: the output head's name when the LLM does not tie it to the embeddings."""

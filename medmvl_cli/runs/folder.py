@@ -6,7 +6,7 @@ runs/NAME/
   recipe.yaml          the resolved recipe, headed by medmvl version and git revision
   model/               the final model, self-contained
   checkpoints/step-N/  resumable training state (renamed into place only when complete), with
-                       medmvl-checksums.json: size and SHA-256 of every file in it (engine/checkpoint.py)
+                       medmvl-checksums.json: size and SHA-256 of every file in it (runs/checkpoint.py)
   metrics.jsonl        one line per logged step, one per evaluation
   best.json            which evaluation was the best (metric, step, value), with data.eval
   logs/                TensorBoard
@@ -29,7 +29,6 @@ import re
 import shutil
 import subprocess
 from pathlib import Path
-from typing import Optional
 
 from medmvl_cli import __version__
 from medmvl_cli.errors import RunError, write_failure
@@ -84,7 +83,7 @@ def has_marker(folder: Path) -> bool:
         return False
 
 
-def owned_entries(folder: Path) -> Optional[set[str]]:
+def owned_entries(folder: Path) -> set[str] | None:
     """The names medmvl may replace in `folder`: its run entries when it carries the marker, else None."""
     return set(RUN_ENTRIES) if has_marker(folder) else None
 
@@ -134,7 +133,7 @@ class RunFolder:
                  if p.is_dir() and (m := STEP_DIR.match(p.name))]
         return [p for _, p in sorted(found)]
 
-    def prepare(self, recipe_yaml: str, overwrite: bool, resume: Optional[str]) -> Optional[Path]:
+    def prepare(self, recipe_yaml: str, overwrite: bool, resume: str | None) -> Path | None:
         """Make the folder ready for a run; returns the checkpoint to resume from, if any.
 
         Nothing is deleted or rewritten in a folder without the marker."""
@@ -166,9 +165,9 @@ class RunFolder:
             raise write_failure(self.root, err, "output_dir") from None
         return checkpoint
 
-    def resume_checkpoint(self, resume: Optional[str]) -> Optional[Path]:
+    def resume_checkpoint(self, resume: str | None) -> Path | None:
         """The verified checkpoint `--resume auto | PATH` continues from (None: start afresh)."""
-        from medmvl_cli.engine.checkpoint import choose_checkpoint, verify_requested
+        from medmvl_cli.runs.checkpoint import choose_checkpoint, verify_requested
 
         if resume == "auto":
             return choose_checkpoint(self.checkpoints())
@@ -190,7 +189,7 @@ class RunFolder:
         else:
             self.root.rmdir()
 
-    def _trim_metrics(self, step: Optional[int]) -> None:
+    def _trim_metrics(self, step: int | None) -> None:
         """Drop metric lines logged after the checkpoint a run resumes from (they are logged again)."""
         if step is None or not self.metrics_file.is_file():
             return
@@ -207,12 +206,3 @@ class RunFolder:
 
     def mark_finished(self) -> None:
         write_atomic(self.root / FINISHED, f"medmvl {__version__}\n")
-
-
-def newest_finished_run(runs_dir: str | Path = "runs") -> Optional[Path]:
-    """The most recently finished run under `runs_dir` (by its FINISHED time), or None."""
-    runs_dir = Path(runs_dir)
-    if not runs_dir.is_dir():
-        return None
-    finished = [p for p in runs_dir.iterdir() if (p / FINISHED).is_file() and (p / MODEL_DIR).is_dir()]
-    return max(finished, key=lambda p: (p / FINISHED).stat().st_mtime, default=None)

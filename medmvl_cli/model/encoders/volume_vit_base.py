@@ -8,15 +8,17 @@ CLS token unless `select_feature: cls_patch`, and loads released weights strictl
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, ClassVar, Optional, Sequence
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
 from medmvl_cli.errors import ModelError
 from medmvl_cli.model.encoders.base import Encoder, TokenLayout, check_select_layer, mark_loaded
-from medmvl_cli.model.encoders.released import load_vision_weights, read_state_dict
+from medmvl_cli.model.encoders.released_weights import load_vision_weights, read_state_dict
+from medmvl_cli.model.weight_files import reads_weights
 
 
 def check_patch_grid(img_size: Sequence[int], patch_size: Sequence[int], what: str) -> None:
@@ -36,7 +38,7 @@ def check_volume_shape(volumes: torch.Tensor, img_size: Sequence[int], what: str
         )
 
 
-def check_released_volume_size(volume: Optional[Any], img_size: Sequence[int], what: str, name: str) -> None:
+def check_released_volume_size(volume: Any | None, img_size: Sequence[int], what: str, name: str) -> None:
     """A released encoder's position embeddings fix the volume size the recipe must ask for."""
     if volume is not None and list(volume.size) != list(img_size):
         raise ModelError(
@@ -75,8 +77,11 @@ class VolumeViTEncoder(Encoder):
         return features[:, 1:] if self.has_cls and not self.include_cls else features
 
     def load_released(self, folder: Path, *, prefix: str, ignored_prefixes: tuple[str, ...] = (),
-                      unused_vision_keys: tuple[str, ...] = ()) -> "VolumeViTEncoder":
-        """Load the folder's weights into `vit` strictly (see `load_vision_weights`)."""
+                      unused_vision_keys: tuple[str, ...] = ()) -> VolumeViTEncoder:
+        """Load the folder's weights into `vit` strictly (see `load_vision_weights`); nothing is read
+        under `architecture_only()`."""
+        if not reads_weights():
+            return self
         state, source = read_state_dict(folder, self.what)
         load_vision_weights(self.vit, state, source=source, what=self.what, prefix=prefix,
                             ignored_prefixes=ignored_prefixes, unused_vision_keys=unused_vision_keys)

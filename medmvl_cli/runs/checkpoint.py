@@ -17,7 +17,6 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import Optional
 
 from medmvl_cli.errors import RunError
 
@@ -53,7 +52,7 @@ def write_checksums(folder: Path) -> None:
     os.replace(tmp, folder / CHECKSUMS)
 
 
-def damage(folder: Path) -> Optional[str]:
+def damage(folder: Path) -> str | None:
     """Why `folder` is not an intact medmvl checkpoint (naming the file), or None when it is."""
     folder = Path(folder)
     try:
@@ -79,7 +78,7 @@ def damage(folder: Path) -> Optional[str]:
     return None
 
 
-def choose_checkpoint(checkpoints: list[Path]) -> Optional[Path]:
+def choose_checkpoint(checkpoints: list[Path]) -> Path | None:
     """--resume auto: the newest intact checkpoint of `checkpoints` (oldest first); None if there are none."""
     damaged = []
     for checkpoint in reversed(checkpoints):
@@ -98,7 +97,7 @@ def choose_checkpoint(checkpoints: list[Path]) -> Optional[Path]:
 
 def verify_requested(checkpoint: Path, own_checkpoints: Path) -> Path:
     """--resume PATH: PATH must be an intact checkpoint in a run folder medmvl made."""
-    from medmvl_cli.engine.run_folder import RunFolder, has_marker
+    from medmvl_cli.runs.folder import RunFolder, has_marker
 
     if not checkpoint.is_dir():
         raise RunError(f"--resume {checkpoint}: no such checkpoint folder",

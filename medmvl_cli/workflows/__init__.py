@@ -1,0 +1,1 @@
+"""Workflows that chain several engine steps (the quickstart: synthesize, train, answer, score)."""
