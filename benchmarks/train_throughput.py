@@ -21,7 +21,16 @@ counted); `mfu_with_vision` adds 2 x encoder parameters x encoder tokens (frozen
 and 6 x connector parameters x image tokens.
 
     python benchmarks/train_throughput.py [--quick] [--steps 24] [--batch-size 8] [--dims 2d,3d]
-                                          [--modes padded,grouped,packed] [--rounds 1]
+                                          [--modes padded,grouped,packed,packed_dense]
+                                          [--isolated [--rounds 1]]
+
+By default the modes run in one process, their steps interleaved (padded, grouped, packed,
+packed_dense, padded, ...; forward + backward + AdamW, batches collated beforehand), and each
+reports tokens/s over its steps and the median per-step rate: fair on a shared machine, and each mode names its attention
+path (`packed`: the path `use_packed_attention` picks here; `packed_dense`: packing through the
+dense block-diagonal mask, the fallback, for comparison). The first batch's loss of padded, packed
+and packed_dense is compared (`losses_agree`). --isolated runs the real `train_stage` per mode
+instead, as described below.
 
 --quick: LLM hidden 256 / 4 layers, CLIP and 3D ViT hidden 128 / 2 layers, 10 steps (a few
 minutes on 2 idle cores). On a shared machine pass --rounds 2 or 3: the modes then run
@@ -308,6 +317,87 @@ def run_child(recipe: Path, mode: str, batch_size: int) -> dict:
     }
 
 
+def interleaved(recipe_path: Path, modes: list[str], steps: int, batch_size: int) -> dict:
+    """All modes in this process on one model, step by step in turn (A B C A B C ...), so a busy
+    spell on a shared machine hits every mode alike. A step is forward + backward + AdamW on the
+    trainable parts; batches are collated beforehand (media loading is not timed). Each mode's
+    figure is its real tokens over its seconds, all steps (one untimed warm-up step per mode
+    first), with the median of its per-step rates beside it. `packed_dense` is packing through the dense block-diagonal mask (the fallback path),
+    for comparison."""
+    import torch
+
+    from medmvl_cli.config.loader import load_recipe
+    from medmvl_cli.data.collator import LVLMCollator
+    from medmvl_cli.data.sampler import WeightedLengthGroupedSampler
+    from medmvl_cli.engine.stages import build_datasets, build_training_model
+    from medmvl_cli.model.packed_attention import use_packed_attention
+
+    recipe = load_recipe(recipe_path, stage="finetune")
+    torch.manual_seed(0)
+    model, processor = build_training_model(recipe)
+    train, _ = build_datasets(recipe, processor)
+    pad_token_id = processor.tokenizer.pad_token_id
+    text_config = model.config.text_config
+    plain = text_config._attn_implementation
+    packed_path = use_packed_attention(model)  # padded batches (with a mask) still run plain SDPA
+    packed_impl = text_config._attn_implementation
+    impl = {"padded": packed_impl, "grouped": packed_impl, "packed": packed_impl, "packed_dense": plain}
+    path = {"padded": f"{plain} (padding mask)", "grouped": f"{plain} (padding mask)", "packed": packed_path,
+            "packed_dense": f"{plain} (dense block-diagonal mask)"}
+    collators = {False: LVLMCollator(pad_token_id), True: LVLMCollator(pad_token_id, packing=True)}
+    orders = {group: list(WeightedLengthGroupedSampler(train.lengths, train.source_indices, [1.0], batch_size, group,
+                                                       recipe.seed)) for group in (False, True)}
+    batches = {}
+    for mode in modes:
+        order = orders[mode == "grouped"]
+        collate = collators[mode.startswith("packed")]
+        batches[mode] = [collate([train[i] for i in order[s * batch_size:(s + 1) * batch_size]]) for s in range(steps)]
+
+    def tokens(batch) -> int:
+        mask = batch.get("attention_mask")
+        return int(mask.sum()) if mask is not None else batch["input_ids"].numel()
+
+    def forward(mode, batch):
+        text_config._attn_implementation = impl[mode]
+        return model(**batch).loss
+
+    model.train()
+    check = {}
+    with torch.no_grad():  # the same records, the same weights: the modes must agree on the loss
+        first = [i for i in orders[False][:batch_size]]
+        for mode in ("padded", "packed", "packed_dense"):
+            collate = collators[mode.startswith("packed")]
+            check[mode] = round(float(forward(mode, collate([train[i] for i in first]))), 6)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+    for mode in modes:  # warm-up (lazy init, first allocations), untimed
+        forward(mode, batches[mode][0]).backward()
+        optimizer.zero_grad(set_to_none=True)
+    seconds = {mode: [] for mode in modes}
+    for step in range(steps):
+        for mode in modes:
+            start = time.perf_counter()
+            forward(mode, batches[mode][step]).backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            seconds[mode].append(time.perf_counter() - start)
+    text_config._attn_implementation = plain
+    runs = {}
+    for mode in modes:
+        counts = [tokens(b) for b in batches[mode]]
+        timed = seconds[mode]
+        runs[mode] = {
+            "attention_path": path[mode],
+            # All steps: every mode covers the same records (grouped's batches differ in size, so
+            # the median of its per-step rates would favour its many short batches).
+            "tokens_per_s": round(sum(counts) / sum(timed), 1),
+            "tokens_per_s_median_step": round(statistics.median(n / t for n, t in zip(counts, timed)), 1),
+            "step_s": [round(x, 2) for x in seconds[mode]],
+            "tokens_per_step": [tokens(b) for b in batches[mode]],
+        }
+    return {"runs": runs, "loss_first_batch": check,
+            "losses_agree": max(check.values()) - min(check.values()) < 1e-4}
+
+
 def spawn(recipe: Path, mode: str, batch_size: int) -> dict:
     command = [sys.executable, __file__, "--child", str(recipe), "--mode", mode, "--batch-size", str(batch_size)]
     done = subprocess.run(command, stdout=subprocess.PIPE, text=True)
@@ -322,15 +412,25 @@ def main(argv: list[str] | None = None, out_stream=None) -> dict:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--quick", action="store_true", help="smaller LLM / encoders and fewer steps (a few minutes)")
     parser.add_argument("--dims", default="2d,3d", help="branches to measure: 2d, 3d or both")
-    parser.add_argument("--modes", default=",".join(MODES), help="batching modes: padded, grouped, packed")
+    parser.add_argument("--modes", default=None,
+                        help="batching modes: padded, grouped, packed (+ packed_dense, interleaved only; "
+                             "default: all of them)")
+    parser.add_argument("--isolated", action="store_true",
+                        help="one train_stage run per mode in its own process instead of the modes' steps "
+                             "interleaved in one process")
     parser.add_argument("--rounds", type=int, default=1,
-                        help="runs per mode (round-robin); the fastest is kept (for shared machines)")
+                        help="--isolated: runs per mode (round-robin); the fastest is kept")
     parser.add_argument("--child", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--mode", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING if args.child else logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(name)s: %(message)s")
     out_stream = out_stream or sys.stdout
+    from medmvl_cli import threads
+
+    # medmvl's own thread policy (as `medmvl finetune` applies it): on a shared machine, threads
+    # beyond the idle cores make every mode several times slower and the figures meaningless.
+    policy = threads.current()
     if args.child:
         result = run_child(args.child, args.mode, args.batch_size)
         print(json.dumps(result), file=out_stream, flush=True)
@@ -340,7 +440,11 @@ def main(argv: list[str] | None = None, out_stream=None) -> dict:
 
     steps = args.steps or (10 if args.quick else 24)
     dims = [d.strip() for d in args.dims.split(",") if d.strip()]
-    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    modes = [m.strip() for m in (args.modes or ",".join(
+        list(MODES) + ([] if args.isolated else ["packed_dense"]))).split(",") if m.strip()]
+    unknown = [m for m in modes if m not in MODES and (args.isolated or m != "packed_dense")]
+    if unknown:
+        parser.error(f"unknown mode(s) {', '.join(unknown)}")
     sizes = SIZES["quick" if args.quick else "full"]
     load_start = os.getloadavg()
     peak_before = matmul_peak_gflops()
@@ -356,7 +460,17 @@ def main(argv: list[str] | None = None, out_stream=None) -> dict:
                 2 * facts["params"][facts["_encoder"]] * facts["encoder_tokens_per_sample"]
                 + 6 * facts["params"][facts["_connector"]] * facts["image_tokens_per_sample"])
             runs: dict[str, dict] = {}
-            for round_ in range(args.rounds):  # modes round-robin, so a busy spell hits them alike
+            if not args.isolated:
+                logger.info("%s: %s interleaved, %d steps of %d", dim, ", ".join(modes), steps, args.batch_size)
+                measured = interleaved(recipes[dim], modes, steps, args.batch_size)
+                runs = measured.pop("runs")
+                for mode, run in runs.items():
+                    run["samples_per_s"] = round(run["tokens_per_s"] / facts["sample_tokens"]["mean"], 3)
+                    run["padding_share"] = facts["padding_share"]["packed" if mode == "packed_dense" else mode]
+                    logger.info("%s / %s (%s): %.1f tokens/s (median step %.1f)", dim, mode, run["attention_path"],
+                                run["tokens_per_s"], run["tokens_per_s_median_step"])
+                facts.update(measured)
+            for round_ in range(args.rounds if args.isolated else 0):  # modes round-robin
                 for mode in modes:
                     logger.info("round %d, %s / %s: %d steps of %d", round_ + 1, dim, mode, steps, args.batch_size)
                     run = spawn(recipes[dim], mode, args.batch_size)
@@ -373,7 +487,7 @@ def main(argv: list[str] | None = None, out_stream=None) -> dict:
     peak_after = matmul_peak_gflops()
     # The machine may be shared: the best matmul rate seen in this run is the peak MFU is taken against.
     peak = max([peak_before, peak_after] + [g for r in results.values() for run in r["runs"].values()
-                                            for g in run["matmul_gflops_before_after"]])
+                                            for g in run.get("matmul_gflops_before_after", [])])
     for result in results.values():
         llm_params, vision = result.pop("_llm_params"), result.pop("_vision_flops")
         for run in result["runs"].values():
@@ -383,13 +497,16 @@ def main(argv: list[str] | None = None, out_stream=None) -> dict:
             run["mfu_with_vision"] = round((llm_flops + vision * run["samples_per_s"]) / (peak * 1e9), 3)
     out = {
         "benchmark": "train_throughput",
-        "quick": args.quick, "steps": steps, "batch_size": args.batch_size, "rounds_fastest_kept": args.rounds,
+        "quick": args.quick, "steps": steps, "batch_size": args.batch_size,
+        "measured": ("isolated train_stage runs, fastest of rounds kept" if args.isolated else
+                     "modes interleaved step by step in one process, one warm-up step each"),
+        **({"rounds_fastest_kept": args.rounds} if args.isolated else {}),
         "model_sizes": sizes, "image_size": IMAGE_SIZE, "volume_size": list(VOLUME_SIZE),
         "max_length": MAX_LENGTH,
         "trainable": "finetune defaults: LLM full, connector full, encoder frozen; "
                      "fp32, sdpa, no gradient checkpointing",
         "data_loading": "num_workers 0; 3D volumes read from the filled volume cache",
-        "torch_threads": torch.get_num_threads(), "cpus": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(), "thread_policy": policy.describe(), "cpus": os.cpu_count(),
         "matmul_peak_gflops": {"before": round(peak_before, 1), "after": round(peak_after, 1),
                                "best_seen_used_for_mfu": round(peak, 1)},
         "flops_counted": "6 x all LLM params x real tokens (tied embeddings once, attention scores not counted); "

@@ -20,7 +20,9 @@ def _cat(tensors: list[torch.Tensor | None]) -> torch.Tensor | None:
 
 class LVLMCollator:
     """`packing=False`: right-padded (B, L) batch with attention mask. `packing=True`: one (1, sum L) row
-    with position ids restarting at 0 per sample (needs `use_cache=False`, as in training)."""
+    with position ids restarting at 0 per sample (needs `use_cache=False`, as in training) and the
+    samples' boundaries as transformers' varlen kwargs: `cu_seq_lens_q` / `cu_seq_lens_k` (n + 1,)
+    int32 cumulative lengths, `max_length_q` / `max_length_k` the longest sample (an int)."""
 
     def __init__(self, pad_token_id: int, packing: bool = False):
         self.pad_token_id = pad_token_id
@@ -59,8 +61,14 @@ class LVLMCollator:
             sample = f["labels"].clone()
             sample[0] = IGNORE_INDEX  # never predict a sample's first token from the previous sample
             labels.append(sample)
+        lengths = [len(f["input_ids"]) for f in features]
+        cu_seq_lens = torch.tensor([0] + lengths, dtype=torch.int32).cumsum(0, dtype=torch.int32)
         return {
             "input_ids": torch.cat([f["input_ids"] for f in features])[None],
             "labels": torch.cat(labels)[None],
-            "position_ids": torch.cat([torch.arange(len(f["input_ids"])) for f in features])[None],
+            "position_ids": torch.cat([torch.arange(n) for n in lengths])[None],
+            # What the packed attention paths split on (flash-attn varlen on GPU, per-sample SDPA on
+            # CPU), given here so no layer has to find the boundaries in position_ids again.
+            "cu_seq_lens_q": cu_seq_lens, "cu_seq_lens_k": cu_seq_lens,
+            "max_length_q": max(lengths), "max_length_k": max(lengths),
         }

@@ -187,6 +187,10 @@ def train_stage(recipe: Recipe, *, resume: str | None = None, overwrite: bool = 
     transformers.set_seed(recipe.seed)
     join_deepspeed_process_group(args)
     model, processor = build_training_model(recipe)
+    if recipe.data.packing:
+        from medmvl_cli.model.packed_attention import use_packed_attention
+
+        use_packed_attention(model)
     train_set, eval_set = build_datasets(recipe, processor)
     generation_eval = None
     if eval_set is not None and recipe.train.eval_generate:

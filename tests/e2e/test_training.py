@@ -180,3 +180,20 @@ def test_component_learning_rates_and_no_decay_on_norms_and_biases(recipe_2d, tm
         if param.requires_grad and (name.endswith("bias") or "norm" in name):
             assert group_of[id(param)]["weight_decay"] == 0.0, name
     assert any(g["weight_decay"] == 0.1 for g in optimizer.param_groups)
+
+
+@pytest.mark.parametrize("extra", [[], ["trainable.llm=lora", "train.gradient_checkpointing=true"]], ids=["full", "lora-ckpt"])
+def test_packed_training_runs_the_packed_path_with_the_losses_of_padded_training(recipe_2d, caplog, extra):
+    import logging
+
+    overrides = ["train.max_steps=2", "trainable.image_encoder=frozen"] + extra
+    padded = train_stage(load_recipe(recipe_2d, overrides + ["output_dir=runs/padded"]), quiet=True)
+    with caplog.at_level(logging.INFO, logger="medmvl_cli.model.packed_attention"):
+        packed = train_stage(load_recipe(recipe_2d, overrides + ["output_dir=runs/packed", "data.packing=true"]),
+                             quiet=True)
+    assert "packed attention path: packed_sdpa" in caplog.text
+    losses_padded, losses_packed = read_metrics(Path(padded)), read_metrics(Path(packed))
+    assert losses_padded.keys() == losses_packed.keys() == {1, 2}
+    for step in (1, 2):  # the same batches, so the same losses, step 2 after an update
+        assert losses_packed[step] == pytest.approx(losses_padded[step], rel=1e-4)
+    assert "medmvl_packed_sdpa" not in (Path(packed) / "model" / "config.json").read_text()

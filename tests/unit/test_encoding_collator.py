@@ -91,6 +91,9 @@ def test_packed_batch_restarts_positions_and_masks_boundaries():
     assert batch["position_ids"].tolist() == [[0, 1, 2, 0, 1, 2, 3]]
     assert batch["labels"][0, 3].item() == IGNORE_INDEX
     assert "attention_mask" not in batch
+    assert batch["cu_seq_lens_q"].tolist() == batch["cu_seq_lens_k"].tolist() == [0, 3, 7]
+    assert batch["cu_seq_lens_q"].dtype == torch.int32
+    assert batch["max_length_q"] == batch["max_length_k"] == 4
 
 
 def test_skipped_records_are_reported_not_replaced():
