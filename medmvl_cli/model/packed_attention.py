@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import importlib.util
 import logging
-from typing import Optional
 
 import torch
 
@@ -30,8 +29,8 @@ PACKED_SDPA = "medmvl_packed_sdpa"  # the name registered with transformers' att
 _dense_logged = False
 
 
-def segment_bounds(cu_seq_lens: Optional[torch.Tensor], position_ids: Optional[torch.Tensor],
-                   length: int) -> Optional[list[int]]:
+def segment_bounds(cu_seq_lens: torch.Tensor | None, position_ids: torch.Tensor | None,
+                   length: int) -> list[int] | None:
     """Start offsets of the samples in a packed row plus its end ([0, a, b, ..., length]), from the
     collator's cumulative lengths or else from `position_ids` (1, length) restarting at 0; None
     when the row holds one sample."""
@@ -50,7 +49,7 @@ def segment_bounds(cu_seq_lens: Optional[torch.Tensor], position_ids: Optional[t
 
 
 def packed_sdpa_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                          attention_mask: Optional[torch.Tensor], *args, **kwargs):
+                          attention_mask: torch.Tensor | None, *args, **kwargs):
     """query (1, heads, L, head_dim), key / value (1, kv_heads, L, head_dim) -> ((1, L, heads,
     head_dim), None): causal attention within each packed sample. Anything else (a mask, a
     cache's longer keys, batch > 1) goes to transformers' SDPA function."""
@@ -70,7 +69,7 @@ def packed_sdpa_attention(module: torch.nn.Module, query: torch.Tensor, key: tor
     return torch.cat(outputs, dim=1), None
 
 
-def packed_sdpa_mask(*args, attention_mask: Optional[torch.Tensor] = None, **kwargs):
+def packed_sdpa_mask(*args, attention_mask: torch.Tensor | None = None, **kwargs):
     """No mask for unpadded rows (the attention above splits packed ones, SDPA's `is_causal`
     covers a single sample); transformers' SDPA mask where padding is given."""
     from transformers.masking_utils import sdpa_mask

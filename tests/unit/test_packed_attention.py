@@ -10,8 +10,8 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from medmvl_cli.data.collator import LVLMCollator
 from medmvl_cli.constants import IGNORE_INDEX
+from medmvl_cli.data.collator import LVLMCollator
 from medmvl_cli.model import packed_attention
 from medmvl_cli.model.packed_attention import PACKED_SDPA, choose_packed_attention, register, segment_bounds
 
