@@ -11,3 +11,15 @@
 
 See docs/model.md.
 """
+
+_BUILDER = ("build_model", "load_model", "save_model")
+
+
+def __getattr__(name: str):
+    """`from medmvl_cli.model import load_model` (and build_model, save_model), imported on first use
+    so that importing a submodule does not pull the builder's dependencies."""
+    if name in _BUILDER:
+        from medmvl_cli.model import builder
+
+        return getattr(builder, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -203,3 +203,12 @@ def test_validate_counts_tokens_without_reading_weights(built, monkeypatch):
 
     monkeypatch.setattr(PreTrainedModel, "from_pretrained", classmethod(refuse))
     assert token_counts.placeholder_lengths_for_recipe(recipe) == token_counts.placeholder_lengths(model)
+
+
+def test_the_builder_functions_the_docs_name_import_from_the_model_package():
+    import medmvl_cli.model as model_package
+    from medmvl_cli.model import build_model, builder, load_model, save_model
+
+    assert (build_model, load_model, save_model) == (builder.build_model, builder.load_model, builder.save_model)
+    with pytest.raises(AttributeError, match="no attribute 'nothing_here'"):
+        model_package.nothing_here  # noqa: B018
