@@ -7,9 +7,9 @@ cosine, grad clip 1.0, batch 8) so that it can record, per epoch: the train loss
 accuracy (argmax of the first answer token, teacher forced: the left / right decision), the
 gradient norm reaching each component, and the statistics of the 3D encoder's hidden states.
 
-    python benchmarks/learn3d.py --seeds 0 1 2 3 4 --set model.image3d.encoder.select_layer=0
+    python benchmarks/learn3d.py --seeds 0 1 2 3 4 --set model.image3d.encoder.select_layer=-1
 
-(the quickstart recipe reads vit3d's default layer, the last one; 0 is the patch embedding).
+(the quickstart recipe reads the patch embedding, `select_layer: 0`; -1 is vit3d's default, the last layer).
 """
 
 from __future__ import annotations
