@@ -16,7 +16,8 @@ weights do not end them at random points; greedy decoding; both ways must write 
 
 Decode: the time of one generation step of the LLM (from answers of N and of 1 tokens, same
 prompts) at batch 1 and the largest batch size, and the GFLOP/s it reaches (2 x LLM parameters
-per token) against the fp32 matmul peak measured in the same run.
+per token) against the fp32 matmul peak measured in the same run, and the share of a step spent
+inside the LLM's forward (the rest: generate's loop, logits processing, the cache's upkeep).
 
     python benchmarks/infer_throughput.py [--quick] [--files 16] [--questions-per-file 4] [--new-tokens 32]
                                           [--batch-sizes 1,8,32] [--dims 3d,2d] [--rounds 1]
@@ -209,21 +210,34 @@ def decode_step(model_dir: Path, annotations: Path, settings, batch_size: int, p
     requests = (requests * batch_size)[:batch_size]
     one = type(settings)(max_new_tokens=1)
 
-    def best(run_settings) -> float:
+    # Seconds inside the LLM's forward (its matmuls, attention, norms; HF's per-call mask and
+    # position bookkeeping included): the rest of a step is generate's loop and the cache's upkeep.
+    inside = [0.0]
+    hooks = [predictor.model.llm.register_forward_pre_hook(lambda *_: inside.append(time.perf_counter())),
+             predictor.model.llm.register_forward_hook(
+                 lambda *_: inside.__setitem__(0, inside[0] + time.perf_counter() - inside.pop()))]
+
+    def best(run_settings) -> tuple[float, float]:
         times = []
         for _ in range(3):
+            inside[0] = 0.0
             begin = time.perf_counter()
             predictor.generate(requests, run_settings)
-            times.append(time.perf_counter() - begin)
+            times.append((time.perf_counter() - begin, inside[0]))
         return min(times)
 
     best(one)  # warm-up; the features are cached from here on
-    step_s = (best(settings) - best(one)) / (settings.max_new_tokens - 1)
+    (total_n, llm_n), (total_1, llm_1) = best(settings), best(one)
+    for hook in hooks:
+        hook.remove()
+    step_s = (total_n - total_1) / (settings.max_new_tokens - 1)
+    llm_share = (llm_n - llm_1) / max(total_n - total_1, 1e-9)
     llm_params = sum(p.numel() for p in predictor.model.llm.parameters())
     gflops = 2 * llm_params * batch_size / step_s / 1e9
     return {"batch_size": batch_size, "ms_per_step": round(step_s * 1e3, 2),
             "ms_per_token": round(step_s * 1e3 / batch_size, 3), "tokens_per_s": round(batch_size / step_s, 1),
-            "gflops": round(gflops, 2), "fraction_of_matmul_peak": round(gflops / peak_gflops, 4)}
+            "gflops": round(gflops, 2), "fraction_of_matmul_peak": round(gflops / peak_gflops, 4),
+            "llm_forward_share_of_step": round(llm_share, 3)}
 
 
 def make_files(folder: Path, dim: str, n_files: int, per_file: int, source_size: tuple) -> Path:

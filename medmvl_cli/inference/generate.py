@@ -173,10 +173,11 @@ class Predictor:
         ``stopping_criteria`` (an HF ``StoppingCriteriaList``) may end rows early (per-row limits).
         ``reuse_prefix``: questions about the same media prefill their shared prompt prefix once
         (`prefix_cache.py`; the same answers, faster), and a loaded model keeps the last prefix of
-        the most recent media for later batches; not with beam search."""
+        the most recent media for later batches; not with beam search, and not where it cannot
+        pay (`reuse_pays`: one row, or too short a shared prefix): the plain batch then runs."""
         import torch
 
-        from medmvl_cli.inference.prefix_cache import generate_with_plan, plan_shared_prefixes
+        from medmvl_cli.inference.prefix_cache import generate_with_plan, plan_shared_prefixes, reuse_pays
 
         images = [p for r in requests for p in r.images]
         volumes = [p for r in requests for p in r.volumes]
@@ -200,6 +201,7 @@ class Predictor:
         if reuse_prefix and settings.num_beams == 1:
             keys = [self._media_key(r) for r in requests]
             plan = plan_shared_prefixes(prompts, keys, self._prefix_store)
+            plan = plan if reuse_pays(plan, prompts) else None  # else the plain batch is as fast or faster
         with torch.no_grad():
             if plan is None:
                 output = self.model.generate(input_ids=input_ids, attention_mask=attention_mask,

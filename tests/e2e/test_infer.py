@@ -382,6 +382,17 @@ def test_the_feature_cache_computes_each_volume_once_and_changes_no_answer(fresh
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
 
 
+def test_one_question_at_a_time_takes_the_plain_path_with_the_same_predictions(fresh, questions, synth_data, tmp_path):
+    # batch 1: nothing to share within the batch and decoding dominates, so reuse cannot pay
+    reused, plain = tmp_path / "reused.jsonl", tmp_path / "plain.jsonl"
+    kwargs = dict(image_root=synth_data, volume_root=synth_data, batch_size=1)
+    fresh.prefix_tokens_reused = 0
+    predict_file(fresh, questions, reused, GREEDY, **kwargs)
+    assert fresh.prefix_tokens_reused == 0
+    predict_file(fresh, questions, plain, GREEDY, reuse_prefix=False, **kwargs)
+    assert reused.read_bytes() == plain.read_bytes()
+
+
 @pytest.mark.parametrize("batch_size", [3, 8])
 def test_prefix_reuse_writes_the_same_predictions_byte_for_byte(fresh, questions, synth_data, tmp_path, batch_size):
     reused, plain = tmp_path / "reused.jsonl", tmp_path / "plain.jsonl"

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from medmvl_cli.inference.prefix_cache import PrefixStore, generate_with_plan, plan_shared_prefixes
+from medmvl_cli.inference.prefix_cache import PrefixStore, generate_with_plan, plan_shared_prefixes, reuse_pays
 from tests.unit.test_lvlm import BOTH, ids_for, left_pad, make
 
 
@@ -95,3 +95,18 @@ def test_prefix_reuse_gives_the_plain_batch_answers_and_logits(both, seed):
         assert torch.equal(plain.sequences, reused.sequences)
         for a, b in zip(plain.logits, reused.logits, strict=True):
             torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
+def test_reuse_runs_only_where_it_spares_a_good_share_of_the_prefill():
+    head = list(range(100, 140))  # template head + image tokens: 40 ids
+    store = PrefixStore()
+    store.put(("a",), head + [1], [(torch.zeros(1, 1, 41, 1), torch.zeros(1, 1, 41, 1))])
+    one = [head + [1, 2, 3]]
+    plan = plan_shared_prefixes(one, [("a",)], store)
+    assert plan is not None and plan.tokens_saved() == 41
+    assert not reuse_pays(plan, one)  # one row: decoding dominates, the plain path runs
+    shared = [head + [1, 2, 3], head + [4, 5], head + [6]]
+    assert reuse_pays(plan_shared_prefixes(shared, [("b",)] * 3), shared)
+    long_tails = [[7, 8] + list(range(200, 240)), [7, 8] + list(range(300, 340))]  # 1 shared id vs 40-id tails
+    assert not reuse_pays(plan_shared_prefixes(long_tails, [("c",)] * 2), long_tails)
+    assert not reuse_pays(None, shared)
