@@ -11,7 +11,9 @@ answers a whole file with `predict_file` (volume feature cache on); items/s is q
 per wall-clock second of `predict_file` (reading, encoding, generating, writing rows). With
 prefix reuse, the questions of a file that share a batch prefill their common prompt prefix
 (template head + the file's image tokens) once; without (`--no-prefix-cache`), every question
-prefills it again. Answers have a fixed length (min_new_tokens = max_new_tokens), so that random
+prefills it again. Both read the next batch's volumes on a background thread while a batch
+generates; `baseline` does neither (each batch reads its own volumes, every question prefills its
+whole prompt): the medmvl issue 16 was measured on, `speedup_vs_baseline`. Answers have a fixed length (min_new_tokens = max_new_tokens), so that random
 weights do not end them at random points; greedy decoding; both ways must write the same answers.
 
 Decode: the time of one generation step of the LLM (from answers of N and of 1 tokens, same
@@ -166,12 +168,14 @@ def stage_times(predictor, volumes: list[Path]) -> dict:
 
 
 def run_config(model_dir: Path, annotations: Path, out: Path, settings, batch_size: int, cache: bool,
-               prefix: bool, precompute: bool) -> dict:
+               prefix: bool, precompute: bool, read_ahead: bool = True) -> dict:
     from medmvl_cli.data.annotations import AnnotationFile, default_root, parse_record
     from medmvl_cli.inference.generate import Predictor
     from medmvl_cli.inference.predictions import predict_file, to_question
 
     predictor = Predictor(model_dir)
+    if not read_ahead:  # the issue's baseline: each batch reads its volumes itself
+        predictor.read_ahead = lambda requests: None
     root = default_root(annotations, None)
     questions = [to_question(parse_record(r), root, root) for r in AnnotationFile(annotations)]
     one = type(settings)(max_new_tokens=1)
@@ -254,14 +258,17 @@ def make_files(folder: Path, dim: str, n_files: int, per_file: int, source_size:
 
 
 def configurations(dims: list[str], batch_sizes: list[int], no_feature_cache_runs: bool) -> list[tuple]:
-    """(key, dim, batch size, feature cache, prefix reuse), the two prefix settings back to back."""
+    """(key, dim, batch size, feature cache, prefix reuse, read-ahead), per batch size back to back:
+    prefix (medmvl's default), no_prefix (`--no-prefix-cache`), and baseline: no prefix reuse and
+    no read-ahead of the next batch's volumes, the medmvl issue 16 measured."""
     out = []
     for dim in dims:
         for batch_size in batch_sizes:
-            for prefix in (True, False):
-                out.append((f"{dim}_batch_{batch_size}_{'prefix' if prefix else 'no_prefix'}", dim, batch_size, True, prefix))
+            out.append((f"{dim}_batch_{batch_size}_prefix", dim, batch_size, True, True, True))
+            out.append((f"{dim}_batch_{batch_size}_no_prefix", dim, batch_size, True, False, True))
+            out.append((f"{dim}_batch_{batch_size}_baseline", dim, batch_size, True, False, False))
             if dim == "3d" and no_feature_cache_runs:
-                out.append((f"3d_batch_{batch_size}_no_feature_cache", dim, batch_size, False, False))
+                out.append((f"3d_batch_{batch_size}_no_feature_cache", dim, batch_size, False, False, False))
     return out
 
 
@@ -312,9 +319,9 @@ def main(argv: list[str] | None = None, out_stream=None) -> dict:
 
         runs: dict[str, dict] = {}
         for round_ in range(args.rounds):
-            for key, dim, batch_size, cache, prefix in configurations(dims, batch_sizes, args.no_feature_cache_runs):
+            for key, dim, batch_size, cache, prefix, ahead in configurations(dims, batch_sizes, args.no_feature_cache_runs):
                 run = run_config(model_dir, files[dim], folder / f"{key}.jsonl", settings, batch_size, cache, prefix,
-                                 args.features == "precomputed")
+                                 args.features == "precomputed", read_ahead=ahead)
                 logger.info("round %d, %s: %.3f items/s", round_ + 1, key, run["items_per_s"])
                 if key not in runs or run["items_per_s"] > runs[key]["items_per_s"]:
                     runs[key] = run
@@ -323,6 +330,9 @@ def main(argv: list[str] | None = None, out_stream=None) -> dict:
                 with_prefix, without = runs[f"{dim}_batch_{batch_size}_prefix"], runs[f"{dim}_batch_{batch_size}_no_prefix"]
                 with_prefix["speedup_vs_no_prefix"] = round(with_prefix["items_per_s"] / without["items_per_s"], 2)
                 with_prefix["same_rows_as_no_prefix"] = with_prefix["_rows"] == without["_rows"]
+                baseline = runs[f"{dim}_batch_{batch_size}_baseline"]
+                with_prefix["speedup_vs_baseline"] = round(with_prefix["items_per_s"] / baseline["items_per_s"], 2)
+                with_prefix["same_rows_as_baseline"] = with_prefix["_rows"] == baseline["_rows"]
         for run in runs.values():
             run.pop("_rows")
         peak = matmul_peak_gflops()

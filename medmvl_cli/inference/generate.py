@@ -108,6 +108,8 @@ class Predictor:
         self.device = next(model.parameters()).device
         self._volume_features: OrderedDict = OrderedDict()
         self._cache_size = feature_cache_size
+        self._reading: OrderedDict = OrderedDict()  # feature key -> Future of its preprocessed volume
+        self._reader = None
         self.cache_hits = 0
         self.volumes_encoded = 0
         self.prefix_tokens_reused = 0
@@ -130,10 +132,33 @@ class Predictor:
         return self.processor(messages, add_generation_prompt=True)["input_ids"][0].tolist()
 
     def clear_feature_cache(self) -> None:
-        """Forget the cached volume features and the stored prompt prefixes."""
+        """Forget the cached volume features, the volumes read ahead and the stored prompt prefixes."""
         self._volume_features.clear()
+        for future in self._reading.values():
+            future.cancel()
+        self._reading.clear()
         if self._prefix_store is not None:
             self._prefix_store.clear()
+
+    def read_ahead(self, requests: Sequence[Request]) -> None:
+        """Start reading and preprocessing, on a background thread, the volumes of `requests` whose
+        features are neither cached nor being read: `predict_file` hands it the next batch, whose files
+        are then read while this batch generates (file reading, decompression and resampling release
+        the GIL). A read that fails raises when its batch uses it, as a read in the batch would. At
+        most `feature_cache_size` volumes wait, the oldest dropped first."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        if self.processor.volume_pipeline is None:
+            return
+        for request in requests:
+            for path, key in zip(request.volumes, request.feature_keys()):
+                if key in self._volume_features or key in self._reading:
+                    continue
+                if self._reader is None:
+                    self._reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="medmvl-read-ahead")
+                self._reading[key] = self._reader.submit(self.processor.volumes, [path])
+        while len(self._reading) > self._cache_size:
+            self._reading.popitem(last=False)[1].cancel()
 
     def _volume_embeds(self, paths: Sequence[Path], keys: Sequence[str]):
         """(len(paths), tokens, llm_width) connector outputs; the volumes whose keys are not in the
@@ -144,7 +169,9 @@ class Predictor:
         fresh = {}
         if missing:
             path_of = dict(zip(keys, paths))
-            volumes = self.processor.volumes([path_of[k] for k in missing]).to(self.device, self.model.dtype)
+            # A volume read ahead comes as its preprocessed tensor, which `volumes` passes through.
+            items = [self._reading.pop(k).result()[0] if k in self._reading else path_of[k] for k in missing]
+            volumes = self.processor.volumes(items).to(self.device, self.model.dtype)
             with torch.no_grad():
                 features = self.model.encode_volumes(volumes)
             self.volumes_encoded += len(missing)

@@ -191,9 +191,12 @@ def answer_in_batches(predictor: Predictor, questions: list[Question], settings:
                       batch_size: int, use_feature_cache: bool = True,
                       reuse_prefix: bool = True) -> Iterator[tuple[list[Question], list[dict]]]:
     """(batch, its prediction rows) for `questions` in batches of `batch_size`, in the given order;
-    `reuse_prefix`: a volume's questions in a batch prefill their shared prompt prefix once."""
+    `reuse_prefix`: a volume's questions in a batch prefill their shared prompt prefix once; with the
+    feature cache, the next batch's volumes are read on a background thread while a batch generates."""
     for start in range(0, len(questions), batch_size):
         batch = questions[start:start + batch_size]
+        if use_feature_cache:  # this batch's volumes (the first batch's) and the next batch's
+            predictor.read_ahead([q.request for q in questions[start:start + 2 * batch_size]])
         yield batch, _answer(predictor, batch, settings, use_feature_cache, reuse_prefix)
 
 

@@ -83,7 +83,8 @@ def create_app(predictor: Predictor, settings: ServeSettings) -> FastAPI:
         batcher = state["batcher"]
         return {"status": "ok", "model": predictor.name, "batches": batcher.batches,
                 "largest_batch": batcher.largest_batch, "volumes_encoded": predictor.volumes_encoded,
-                "feature_cache_hits": predictor.cache_hits, "uploads_held": state["media"].uploads_held}
+                "feature_cache_hits": predictor.cache_hits, "prefix_tokens_reused": predictor.prefix_tokens_reused,
+                "uploads_held": state["media"].uploads_held}
 
     @app.get("/v1/models")
     async def models(request: Request):

@@ -226,8 +226,11 @@ class Batcher:
             import torch
 
             torch.manual_seed(jobs[0].seed)
+        # reuse_prefix: questions about the same study in one batch prefill its image tokens once
+        # (where that pays: `prefix_cache.reuse_pays`), with the same answers.
         _, prompt_lengths = predictor.generate_ids([job.request for job in jobs], batch_settings, streamer=tracker,
-                                                   stopping_criteria=StoppingCriteriaList([tracker]))
+                                                   stopping_criteria=StoppingCriteriaList([tracker]),
+                                                   reuse_prefix=True)
         self.batches += 1
         self.largest_batch = max(self.largest_batch, len(jobs))
         for row, prompt_tokens in zip(tracker.rows, prompt_lengths):

@@ -382,6 +382,31 @@ def test_the_feature_cache_computes_each_volume_once_and_changes_no_answer(fresh
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("batch_size", [1, 4])
+def test_the_next_batch_volumes_are_read_ahead_once_each(fresh, questions, synth_data, tmp_path, monkeypatch,
+                                                        batch_size):
+    import threading
+
+    pipeline = fresh.processor.volume_pipeline
+    reads, load = [], pipeline.load
+
+    def recording_load(path, *args, **kwargs):
+        reads.append((Path(path).name, threading.current_thread().name))
+        return load(path, *args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "load", recording_load)
+    ahead, plain = tmp_path / "ahead.jsonl", tmp_path / "plain.jsonl"
+    kwargs = dict(image_root=synth_data, volume_root=synth_data, batch_size=batch_size)
+    predict_file(fresh, questions, ahead, GREEDY, **kwargs)
+    distinct = {Path(p).name for r in _records(questions).values() for p in r.get("image3d", [])}
+    assert sorted(name for name, _ in reads) == sorted(distinct)  # each volume read once
+    assert {thread for _, thread in reads} == {"medmvl-read-ahead_0"}  # none on the generating thread
+    assert not fresh._reading  # every volume read ahead was used
+    fresh.clear_feature_cache()
+    predict_file(fresh, questions, plain, GREEDY, use_feature_cache=False, **kwargs)
+    assert {r["id"]: r["prediction"] for r in _rows(ahead)} == {r["id"]: r["prediction"] for r in _rows(plain)}
+
+
 def test_one_question_at_a_time_takes_the_plain_path_with_the_same_predictions(fresh, questions, synth_data, tmp_path):
     # batch 1: nothing to share within the batch and decoding dominates, so reuse cannot pay
     reused, plain = tmp_path / "reused.jsonl", tmp_path / "plain.jsonl"

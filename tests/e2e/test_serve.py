@@ -332,6 +332,7 @@ def test_64_concurrent_mixed_requests_each_get_their_own_answer(chaotic, synth_d
     assert answers == [cases[i % len(cases)][1] for i in range(64)]
     assert health["largest_batch"] > 1  # requests really were batched
     assert health["feature_cache_hits"] > 0  # and volumes asked about again were not encoded again
+    assert health["prefix_tokens_reused"] > 0  # questions about one study in a batch shared its prefill
     assert health["uploads_held"] == 0  # no upload outlives its requests
 
 
