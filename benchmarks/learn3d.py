@@ -7,9 +7,13 @@ cosine, grad clip 1.0, batch 8) so that it can record, per epoch: the train loss
 accuracy (argmax of the first answer token, teacher forced: the left / right decision), the
 gradient norm reaching each component, and the statistics of the 3D encoder's hidden states.
 
-    python benchmarks/learn3d.py --seeds 0 1 2 3 4 --set model.image3d.encoder.select_layer=-1
+    python benchmarks/learn3d.py --seeds 0 1 2 3 4 [--stats] [--set model.image3d.encoder.select_layer=0]
 
-(the quickstart recipe reads the patch embedding, `select_layer: 0`; -1 is vit3d's default, the last layer).
+(the quickstart recipe reads vit3d's default, last, layer; 0 would be the patch embedding).
+`--stats` adds per epoch the gradient norms, the 3D ViT's hidden-state statistics and how the
+energy of the encoder features and of the LLM's image tokens (the connector's output) splits into
+a part common to every volume and token, a part that depends on the token's position only, and
+the part that depends on the volume (the only part that can carry the answer).
 """
 
 from __future__ import annotations
@@ -100,7 +104,20 @@ def feature_stats(model, items: list[dict]) -> list[dict]:
         stats.append({"layer": layer, "rms": round(rms, 4),
                       "common_rms": round(common.pow(2).mean().sqrt().item(), 4),
                       "token_spread": round((h - common).pow(2).mean().sqrt().item(), 4)})
+    stats.append({"energy_shares": {"encoder_features": energy_shares(encoder(volumes)),
+                                    "llm_image_tokens": energy_shares(model.encode_volumes(volumes))}})
     return stats
+
+
+def energy_shares(tokens: torch.Tensor) -> dict[str, float]:
+    """(volumes, tokens, width) -> the shares of the mean square that are common to every volume
+    and token, that depend on the token's position only, and that depend on the volume."""
+    total = tokens.pow(2).mean()
+    common = tokens.mean(dim=(0, 1), keepdim=True)
+    position = tokens.mean(dim=0, keepdim=True) - common
+    volume = tokens - common - position
+    return {name: round((part.pow(2).mean() / total).item(), 4)
+            for name, part in (("common", common), ("position", position), ("volume", volume))}
 
 
 def grad_norms(model) -> dict[str, float]:
