@@ -12,14 +12,18 @@ per wall-clock second of `predict_file` (reading, encoding, generating, writing 
 prefix reuse, the questions of a file that share a batch prefill their common prompt prefix
 (template head + the file's image tokens) once; without (`--no-prefix-cache`), every question
 prefills it again. Both read the next batch's volumes on a background thread while a batch
-generates; `baseline` does neither (each batch reads its own volumes, every question prefills its
+generates where a core is free for it (`Predictor.reads_ahead`: a GPU, or fewer torch threads
+than CPUs; run with OMP_NUM_THREADS=1 on 2 cores to see it); `baseline` does neither (each batch reads its own volumes, every question prefills its
 whole prompt): the medmvl issue 16 was measured on, `speedup_vs_baseline`. Answers have a fixed length (min_new_tokens = max_new_tokens), so that random
 weights do not end them at random points; greedy decoding; both ways must write the same answers.
 
 Decode: the time of one generation step of the LLM (from answers of N and of 1 tokens, same
 prompts) at batch 1 and the largest batch size, and the GFLOP/s it reaches (2 x LLM parameters
-per token) against the fp32 matmul peak measured in the same run, and the share of a step spent
-inside the LLM's forward (the rest: generate's loop, logits processing, the cache's upkeep).
+per token) against the fp32 matmul peak measured in the same run; the weight bytes it reads a
+second (a step reads every weight once) against the memory bandwidth of a large copy measured in
+the same run, the limit of small batches, whose matmuls are matrix-vector products; and the
+share of a step spent inside the LLM's forward (the rest: generate's loop, logits processing,
+the cache's upkeep).
 
     python benchmarks/infer_throughput.py [--quick] [--files 16] [--questions-per-file 4] [--new-tokens 32]
                                           [--batch-sizes 1,8,32] [--dims 3d,2d] [--rounds 1]
@@ -200,7 +204,24 @@ def run_config(model_dir: Path, annotations: Path, out: Path, settings, batch_si
     }
 
 
-def decode_step(model_dir: Path, annotations: Path, settings, batch_size: int, peak_gflops: float) -> dict:
+def memory_bandwidth_gbs(megabytes: int = 256, repeats: int = 5) -> float:
+    """Best GB/s of copying a large fp32 tensor (bytes read + bytes written), with the process's
+    torch threads: the roofline of a decoding step at small batch, which reads every weight once."""
+    import torch
+
+    source = torch.randn(megabytes * 2**20 // 4)
+    target = torch.empty_like(source)
+    target.copy_(source)
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        target.copy_(source)
+        best = min(best, time.perf_counter() - start)
+    return 2 * source.numel() * 4 / best / 1e9
+
+
+def decode_step(model_dir: Path, annotations: Path, settings, batch_size: int, peak_gflops: float,
+                bandwidth_gbs: float) -> dict:
     """Milliseconds per generated token (one decoding step for the whole batch): the time of
     answers of N tokens less that of 1 token, over N - 1; and its GFLOP/s against the peak."""
     from medmvl_cli.data.annotations import AnnotationFile, default_root, parse_record
@@ -237,10 +258,14 @@ def decode_step(model_dir: Path, annotations: Path, settings, batch_size: int, p
     step_s = (total_n - total_1) / (settings.max_new_tokens - 1)
     llm_share = (llm_n - llm_1) / max(total_n - total_1, 1e-9)
     llm_params = sum(p.numel() for p in predictor.model.llm.parameters())
+    weight_bytes = sum(p.numel() * p.element_size() for p in predictor.model.llm.parameters())
     gflops = 2 * llm_params * batch_size / step_s / 1e9
+    weights_gbs = weight_bytes / step_s / 1e9  # every weight is read once a step, whatever the batch
     return {"batch_size": batch_size, "ms_per_step": round(step_s * 1e3, 2),
             "ms_per_token": round(step_s * 1e3 / batch_size, 3), "tokens_per_s": round(batch_size / step_s, 1),
             "gflops": round(gflops, 2), "fraction_of_matmul_peak": round(gflops / peak_gflops, 4),
+            "weights_read_gb_per_s": round(weights_gbs, 2),
+            "fraction_of_memory_bandwidth": round(weights_gbs / bandwidth_gbs, 4),
             "llm_forward_share_of_step": round(llm_share, 3)}
 
 
@@ -336,7 +361,8 @@ def main(argv: list[str] | None = None, out_stream=None) -> dict:
         for run in runs.values():
             run.pop("_rows")
         peak = matmul_peak_gflops()
-        decode = {f"batch_{b}": decode_step(model_dir, files[dims[0]], settings, b, max(peak_before, peak))
+        bandwidth = memory_bandwidth_gbs()
+        decode = {f"batch_{b}": decode_step(model_dir, files[dims[0]], settings, b, max(peak_before, peak), bandwidth)
                   for b in sorted({min(batch_sizes), max(batch_sizes)})}
     out = {
         "benchmark": "infer_throughput",
@@ -350,6 +376,7 @@ def main(argv: list[str] | None = None, out_stream=None) -> dict:
         "torch_threads": torch.get_num_threads(), "cpus": os.cpu_count(),
         "device": "cuda" if torch.cuda.is_available() else "cpu",
         "matmul_peak_gflops": {"before": round(peak_before, 1), "after": round(peak, 1)},
+        "memory_bandwidth_gb_per_s": round(bandwidth, 1),
         "load_average": {"start": [round(x, 2) for x in load_start],
                          "end": [round(x, 2) for x in os.getloadavg()]},
         "decode": decode,

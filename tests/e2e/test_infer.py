@@ -395,6 +395,7 @@ def test_the_next_batch_volumes_are_read_ahead_once_each(fresh, questions, synth
         return load(path, *args, **kwargs)
 
     monkeypatch.setattr(pipeline, "load", recording_load)
+    monkeypatch.setattr(fresh, "read_ahead_enabled", True)  # whatever cores this machine has free
     ahead, plain = tmp_path / "ahead.jsonl", tmp_path / "plain.jsonl"
     kwargs = dict(image_root=synth_data, volume_root=synth_data, batch_size=batch_size)
     predict_file(fresh, questions, ahead, GREEDY, **kwargs)
@@ -405,6 +406,18 @@ def test_the_next_batch_volumes_are_read_ahead_once_each(fresh, questions, synth
     fresh.clear_feature_cache()
     predict_file(fresh, questions, plain, GREEDY, use_feature_cache=False, **kwargs)
     assert {r["id"]: r["prediction"] for r in _rows(ahead)} == {r["id"]: r["prediction"] for r in _rows(plain)}
+
+
+def test_volumes_are_read_ahead_only_where_a_core_is_free_for_it(fresh, monkeypatch):
+    import medmvl_cli.threads
+
+    monkeypatch.setattr(medmvl_cli.threads, "available_cpus", lambda: 2.0)
+    for torch_threads, expected in ((2, False), (1, True)):
+        monkeypatch.setattr(torch, "get_num_threads", lambda n=torch_threads: n)
+        assert fresh.reads_ahead is expected
+    monkeypatch.setattr(fresh, "read_ahead_enabled", False)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
+    assert fresh.reads_ahead is False
 
 
 def test_one_question_at_a_time_takes_the_plain_path_with_the_same_predictions(fresh, questions, synth_data, tmp_path):
