@@ -29,13 +29,25 @@ PACKED_SDPA = "medmvl_packed_sdpa"  # the name registered with transformers' att
 _dense_logged = False
 
 
+_last_bounds: tuple[torch.Tensor | None, list[int]] = (None, [])
+
+
+def _host_bounds(cu_seq_lens: torch.Tensor) -> list[int]:
+    """The collator's cumulative lengths as Python ints, read from the device once per forward:
+    every layer gets the same tensor (on a GPU each read would be a host sync)."""
+    global _last_bounds
+    if _last_bounds[0] is not cu_seq_lens:
+        _last_bounds = (cu_seq_lens, [int(x) for x in cu_seq_lens.reshape(-1).tolist()])
+    return list(_last_bounds[1])
+
+
 def segment_bounds(cu_seq_lens: torch.Tensor | None, position_ids: torch.Tensor | None,
                    length: int) -> list[int] | None:
     """Start offsets of the samples in a packed row plus its end ([0, a, b, ..., length]), from the
     collator's cumulative lengths or else from `position_ids` (1, length) restarting at 0; None
     when the row holds one sample."""
     if cu_seq_lens is not None:
-        bounds = [int(x) for x in cu_seq_lens.reshape(-1).tolist()]
+        bounds = _host_bounds(cu_seq_lens)
     elif position_ids is not None and position_ids.shape[0] == 1 and position_ids.shape[-1] == length:
         starts = (position_ids[0] == 0).nonzero().view(-1).tolist()
         if not starts or starts[0] != 0:

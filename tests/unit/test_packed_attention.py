@@ -142,3 +142,15 @@ def test_the_packed_path_is_not_saved_with_the_config():
     model.config._attn_implementation = register()
     assert model.config._attn_implementation == PACKED_SDPA
     assert PACKED_SDPA not in model.config.to_json_string()  # checkpoints load with the recipe's attention
+
+
+def test_the_sample_boundaries_are_read_to_the_host_once_per_forward(monkeypatch):
+    # Every layer gets the same cu_seq_lens tensor; on a GPU each read would be a host sync.
+
+    reads, original = [], torch.Tensor.tolist
+    monkeypatch.setattr(torch.Tensor, "tolist", lambda self: reads.append(1) or original(self))
+    cu_seq_lens = torch.tensor([0, 3, 7])
+    for _ in range(4):  # four layers
+        assert segment_bounds(cu_seq_lens, None, 7) == [0, 3, 7]
+    assert len(reads) == 1
+    assert segment_bounds(torch.tensor([0, 5, 7]), None, 7) == [0, 5, 7] and len(reads) == 2  # the next batch
