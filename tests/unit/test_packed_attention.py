@@ -146,7 +146,6 @@ def test_the_packed_path_is_not_saved_with_the_config():
 
 def test_the_sample_boundaries_are_read_to_the_host_once_per_forward(monkeypatch):
     # Every layer gets the same cu_seq_lens tensor; on a GPU each read would be a host sync.
-
     reads, original = [], torch.Tensor.tolist
     monkeypatch.setattr(torch.Tensor, "tolist", lambda self: reads.append(1) or original(self))
     cu_seq_lens = torch.tensor([0, 3, 7])
