@@ -2,13 +2,16 @@
 
 1. Training steps through the real CLI (`medmvl finetune` on `recipes/quickstart/tiny-2d.yaml` and
    the synthetic 2D data) with `model.llm.dtype: auto` for each attention kernel available: sdpa, and
-   flash_attention_2 where the flash-attn package and a GPU are there. Reports the compute dtype the
-   saved weights carry (bf16 on GPUs that support it, fp32 on CPUs), the losses and tokens/s.
+   flash_attention_2 where the flash-attn package and a GPU are there; each packed (the recipe's
+   default: the packed attention path the run chose is reported, flash-attn's varlen kernel on a
+   GPU with flash-attn) and padded, with the largest loss gap between the two. Reports the compute
+   dtype the saved weights carry (bf16 on GPUs that support it, fp32 on CPUs), the losses and tokens/s.
 2. The same run under DeepSpeed ZeRO-2 on one process (`--nproc-per-node 1`), and how far its losses
    are from the plain run's.
 3. Generation speed: `benchmarks/infer_throughput.py --quick` (fixed-length greedy answers to
-   multi-question 3D and 2D files at batch 1 / 8 / 32, with and without prefix reuse; the decode
-   step), whose JSON is embedded as is.
+   multi-question 3D and 2D files at batch 1 / 8 / 32, with and without prefix reuse and the
+   baseline; read-ahead of volumes, which a GPU always has a core for; the decode step), whose JSON
+   is embedded as is.
 
 On a CPU the same steps run in fp32, so the script itself is checked on any machine. It asserts
 nothing: one JSON object on stdout (a failed step reports its stderr tail there).
@@ -21,6 +24,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import re
 import statistics
 import subprocess
 import sys
@@ -56,7 +60,7 @@ def saved_dtypes(model_dir: Path) -> list[str]:
 
 def train(data: Path, out: Path, steps: int, overrides: list[str], launch: list[str]) -> dict:
     command = [
-        sys.executable, "-m", "medmvl_cli", "finetune", str(RECIPE), "-q", *launch,
+        sys.executable, "-m", "medmvl_cli", "finetune", str(RECIPE), *launch,
         f"output_dir={out}", f"data.train.0.annotations={data / 'train_2d.json'}", f"data.train.0.image_root={data}",
         f"data.eval.0.annotations={data / 'test_2d.json'}", f"data.eval.0.image_root={data}",
         "model.llm.dtype=auto", f"train.max_steps={steps}", "train.logging_steps=1", "train.save_steps=100000",
@@ -69,8 +73,9 @@ def train(data: Path, out: Path, steps: int, overrides: list[str], launch: list[
         return {"ok": False, "wall_s": round(wall, 1), "error": result.stderr[-2000:]}
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
     steps_logged = [r for r in rows if "loss" in r and "tokens_per_s" in r]
+    path = re.search(r"packed attention path: (\S+)", result.stderr)
     return {
-        "ok": True, "wall_s": round(wall, 1),
+        "ok": True, "wall_s": round(wall, 1), "packed_attention_path": path.group(1) if path else None,
         "losses": [round(r["loss"], 5) for r in steps_logged],
         "tokens_per_s_median": round(statistics.median(r["tokens_per_s"] for r in steps_logged[1:] or steps_logged), 1),
         "saved_dtypes": saved_dtypes(out / "model"),
@@ -99,10 +104,15 @@ def main() -> None:
         data = work / "data"
         synthesize(data, kind="2d", n=200, seed=0, questions="easy")
         kernels = ["sdpa"] + (["flash_attention_2"] if env["cuda"] and env["flash_attn_installed"] else [])
-        report["training"] = {
-            kernel: train(data, work / f"run-{kernel}", args.steps, [f"model.llm.attn_implementation={kernel}"], [])
-            for kernel in kernels
-        }
+        # The recipe packs its batches (flash-attn's varlen kernel on a GPU with flash_attention_2 or
+        # with flash-attn installed, `packed_sdpa` otherwise); "_padded" is the same run padded.
+        report["training"] = {}
+        for kernel in kernels:
+            for name, packing in ((kernel, "true"), (f"{kernel}_padded", "false")):
+                report["training"][name] = train(data, work / f"run-{name}", args.steps,
+                                                 [f"model.llm.attn_implementation={kernel}", f"data.packing={packing}"], [])
+            report["training"][kernel]["max_loss_gap_to_padded"] = max_loss_gap(
+                report["training"][kernel], report["training"][f"{kernel}_padded"])
         if not args.skip_deepspeed and env["deepspeed_installed"]:
             zero2 = train(data, work / "run-zero2", args.steps, ["distributed.deepspeed=zero2"], ["--nproc-per-node", "1"])
             zero2["max_loss_gap_to_sdpa"] = max_loss_gap(zero2, report["training"]["sdpa"])
