@@ -159,8 +159,12 @@ def main(argv: list[str] | None = None, out_stream=None) -> dict:
 
     from infer_throughput import make_files
 
-    commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", args.commit], check=True,
-                            capture_output=True, text=True).stdout.strip()
+    found = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", f"{args.commit}^{{commit}}"],
+                           capture_output=True, text=True)
+    if found.returncode != 0 and not args.old_python:
+        raise SystemExit(f"commit {args.commit} is not in {REPO} (a shallow clone?): `git fetch --unshallow`, "
+                         "or pass --old-python with that commit installed")
+    commit = found.stdout.strip() or args.commit
     head = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], check=True,
                           capture_output=True, text=True).stdout.strip()
     batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
