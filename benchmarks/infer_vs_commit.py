@@ -32,7 +32,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 BENCHMARKS = Path(__file__).resolve().parent
@@ -51,6 +50,7 @@ ISSUE_16_COMMIT = "1f72c4a"
 def build_model(folder: Path) -> Path:
     """The small 3D model, built and saved by whichever medmvl this Python imports."""
     import yaml
+    from infer_throughput import VOLUME_POOL
     from train_throughput import SIZES, VOLUME_PATCH, VOLUME_SIZE, write_llm
 
     from medmvl_cli.config.loader import load_recipe
@@ -61,7 +61,7 @@ def build_model(folder: Path) -> Path:
             "model": {"llm": {"path": str(write_llm(folder / "llm", sizes["llm"])), "max_length": 512,
                               "dtype": "float32"},
                       "image3d": {"encoder": {"type": "vit3d", "patch_size": list(VOLUME_PATCH), **sizes["vit3d"]},
-                                  "connector": {"type": "spatial_pooling", "pool": [1, 1, 2], "depth": 2},
+                                  "connector": {"type": "spatial_pooling", "pool": list(VOLUME_POOL), "depth": 2},
                                   "volume": {"size": list(VOLUME_SIZE), "crop_foreground": False}}}}
     (folder / "recipe.yaml").write_text(yaml.safe_dump(tree, sort_keys=False), encoding="utf-8")
     recipe = load_recipe(folder / "recipe.yaml", stage="finetune")
@@ -76,15 +76,13 @@ def build_model(folder: Path) -> Path:
 
 def answer_file(model_dir: Path, annotations: Path, out: Path, batch_size: int, new_tokens: int) -> dict:
     """Seconds for `predict_file` to answer `annotations` into `out`, after a warm-up question."""
+    from infer_throughput import settings_class
+
     from medmvl_cli.data.annotations import AnnotationFile, default_root, parse_record
-    from medmvl_cli.inference.generate import GenerationSettings, Predictor
+    from medmvl_cli.inference.generate import Predictor
     from medmvl_cli.inference.predictions import predict_file, to_question
 
-    @dataclass
-    class FixedLength(GenerationSettings):
-        def kwargs(self, pad_token_id, stop_token_ids):
-            return {**super().kwargs(pad_token_id, stop_token_ids), "min_new_tokens": self.max_new_tokens}
-
+    FixedLength = settings_class()
     predictor = Predictor(model_dir)
     root = default_root(annotations, None)
     first = to_question(parse_record(next(iter(AnnotationFile(annotations)))), root, root)
@@ -125,10 +123,10 @@ def run_role(python: str, *args: str) -> dict:
     return json.loads(lines[-1][len("RESULT "):])
 
 
-def old_environment(commit: str, folder: Path, old_python: str | None) -> tuple[str, Path | None]:
-    """(a Python with `commit` installed, the worktree holding its source, None with `old_python`)."""
+def old_environment(commit: str, folder: Path, old_python: str | None) -> str:
+    """A Python with `commit` installed: `old_python`, else one installed from a worktree of it."""
     if old_python:
-        return old_python, None
+        return old_python
     source = folder / "source"
     subprocess.run(["git", "-C", str(REPO), "worktree", "add", "--detach", str(source), commit],
                    check=True, capture_output=True)
@@ -138,7 +136,7 @@ def old_environment(commit: str, folder: Path, old_python: str | None) -> tuple[
     python = str(venv / "bin" / "python")
     subprocess.run([python, "-m", "pip", "install", "-q", "-c", str(source / "constraints.txt"), "-e", str(source)],
                    check=True)
-    return python, source
+    return python
 
 
 def main(argv: list[str] | None = None, out_stream=None) -> dict:
@@ -172,7 +170,7 @@ def main(argv: list[str] | None = None, out_stream=None) -> dict:
     with tempfile.TemporaryDirectory(prefix="medmvl-vs-commit-") as tmp:
         folder = Path(tmp)
         try:
-            old_python, _ = old_environment(commit, folder, args.old_python)
+            old_python = old_environment(commit, folder, args.old_python)
             pythons = {"earlier": old_python, "this_tree": sys.executable}
             annotations = make_files(folder, "3d", args.files, args.questions_per_file, (64, 256, 256))
             run_role(old_python, "--role", "model", "--folder", str(folder))
@@ -214,9 +212,6 @@ def main(argv: list[str] | None = None, out_stream=None) -> dict:
 
 
 if __name__ == "__main__":
-    if "--role" in sys.argv:
-        main()
-    else:
-        from train_throughput import results_stream
+    from train_throughput import results_stream
 
-        main(out_stream=results_stream())
+    main(out_stream=None if "--role" in sys.argv else results_stream())
