@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -80,7 +82,7 @@ def test_vit3d_without_cls_token():
 def test_vit3d_select_layer_zero_is_the_patch_embedding():
     encoder = encoder_from_recipe(Vit3dEncoder(type="vit3d", preset="tiny", select_layer=0), volume=VOLUME)
     volume = torch.rand(1, 1, 8, 32, 32)
-    expected = encoder.vit.patch_embedding(volume)
+    expected = encoder.vit.patch_embedding((volume - 0.5) / 0.5)  # centred input, see below
     assert torch.allclose(encoder(volume), expected)
 
 
@@ -103,6 +105,43 @@ def test_vit3d_saved_folder_loads_back(tmp_path):
     assert torch.equal(encoder(volume), again(volume))
     with pytest.raises(ModelError, match="trained on volumes of"):
         encoder_from_recipe(Vit3dEncoder(type="vit3d", path=str(tmp_path / "vit")), volume=VolumeConfig(size=(8, 16, 16)))
+
+
+def test_vit3d_centres_its_input_and_keeps_what_a_folder_was_trained_on(tmp_path):
+    encoder = encoder_from_recipe(Vit3dEncoder(type="vit3d", preset="tiny"), volume=VOLUME)
+    assert encoder.arch["input_norm"] == [0.5, 0.5]
+    assert encoder.normalize(torch.tensor([0.0, 0.25, 1.0])).tolist() == [-1.0, -0.5, 1.0]
+    encoder.save_pretrained(tmp_path / "vit")
+    assert json.loads((tmp_path / "vit" / "config.json").read_text())["input_norm"] == [0.5, 0.5]
+    # A folder (or a saved medmvl model) from before the key existed was trained on raw [0, 1].
+    config = json.loads((tmp_path / "vit" / "config.json").read_text())
+    del config["input_norm"]
+    (tmp_path / "vit" / "config.json").write_text(json.dumps(config))
+    older = encoder_from_recipe(Vit3dEncoder(type="vit3d", path=str(tmp_path / "vit")), volume=VOLUME)
+    assert older.arch["input_norm"] is None
+    assert encoder_from_arch({k: v for k, v in encoder.arch.items() if k != "input_norm"}).input_norm is None
+    volume = torch.rand(1, 1, 8, 32, 32)
+    assert torch.equal(older.normalize(volume), volume)
+
+
+def test_vit3d_first_layernorm_tells_dark_from_bright_tissue():
+    """Why vit3d centres its input: a uniform patch embeds along one direction scaled by its
+    intensity, and LayerNorm divides the scale out. On raw [0, 1] input an aerated lung patch (HU -850)
+    and a consolidated one (HU +40) reach the first block nearly alike; centred, they point apart."""
+    torch.manual_seed(0)
+    encoder = encoder_from_recipe(Vit3dEncoder(type="vit3d", preset="tiny"), volume=VOLUME).eval()
+    lung, consolidation = torch.full((1, 1, 8, 32, 32), 0.075), torch.full((1, 1, 8, 32, 32), 0.52)
+
+    def first_block_input(volume):
+        with torch.no_grad():
+            return encoder.vit.blocks[0].norm1(encoder.vit.hidden_states(encoder.normalize(volume), 0)[:, 1:])
+
+    def similarity():
+        return torch.nn.functional.cosine_similarity(first_block_input(lung), first_block_input(consolidation), dim=-1).mean()
+
+    assert similarity() < 0
+    encoder.input_norm = None
+    assert similarity() > 0.5
 
 
 @pytest.mark.parametrize("base, feature, per_slice, cls", [

@@ -1,6 +1,7 @@
 """`vit3d`: a 3D ViT from MONAI blocks, random-init or from a folder saved by `save_pretrained`.
 
-Input: volumes (N, 1, D, H, W) in [0, 1] (the data side's HU window), at exactly `volume.size`.
+Input: volumes (N, 1, D, H, W) in [0, 1] (the data side's HU window), at exactly `volume.size`,
+centred to [-1, 1] inside (`input_norm`, see `INPUT_NORM`).
 Tokens: (D/pd)·(H/ph)·(W/pw) patches in (d, h, w) row-major order, plus the CLS token with
 `select_feature: cls_patch`. `select_layer` 0 is the patch embeddings (position embedding added);
 blocks after the selected one are not run.
@@ -13,6 +14,8 @@ import logging
 from pathlib import Path
 from typing import Any, ClassVar
 
+import torch
+
 from medmvl_cli.errors import ModelError
 from medmvl_cli.model.encoders.monai_vit3d_module import MonaiViT3d
 from medmvl_cli.model.encoders.released_weights import read_config
@@ -21,7 +24,15 @@ from medmvl_cli.model.encoders.volume_vit_base import VolumeViTEncoder, check_pa
 logger = logging.getLogger(__name__)
 
 DEFAULTS = {"hidden_size": 768, "num_layers": 12, "num_heads": 12, "patch_size": (4, 16, 16)}
-ARCH_KEYS = ("img_size", "patch_size", "hidden_size", "num_layers", "num_heads", "mlp_dim", "cls_token", "in_channels")
+ARCH_KEYS = ("img_size", "patch_size", "hidden_size", "num_layers", "num_heads", "mlp_dim", "cls_token", "in_channels",
+             "input_norm")
+# (mean, std) taken off the [0, 1] volumes before the patch embedding (SigLIP's 0.5 / 0.5: [-1, 1]).
+# On raw [0, 1] input every uniform patch (air, lung, soft tissue, consolidation) embeds along the one
+# direction W·1, scaled by its intensity; the blocks' LayerNorms divide that scale out, so the
+# intensity, which is what tells a consolidated lung from an aerated one, barely reaches the features.
+# Centred, dark and bright patches point in opposite directions. Saved models without the key
+# (written before it existed) keep raw input.
+INPUT_NORM = [0.5, 0.5]
 
 
 class Vit3dEncoder(VolumeViTEncoder):
@@ -35,6 +46,14 @@ class Vit3dEncoder(VolumeViTEncoder):
             in_channels=arch.get("in_channels", 1), cls_token=has_cls,
         )
         super().__init__(arch, vit, has_cls=has_cls)
+        self.input_norm = arch.get("input_norm")
+
+    def normalize(self, volumes: torch.Tensor) -> torch.Tensor:
+        volumes = super().normalize(volumes)
+        if self.input_norm is None:
+            return volumes
+        mean, std = self.input_norm
+        return (volumes - mean) / std
 
     @classmethod
     def from_recipe(cls, cfg: Any, volume: Any | None = None, attn_implementation: str = "sdpa") -> Vit3dEncoder:
@@ -68,6 +87,8 @@ class Vit3dEncoder(VolumeViTEncoder):
             "img_size": list(size), "patch_size": list(base["patch_size"]), "hidden_size": base["hidden_size"],
             "num_layers": base["num_layers"], "num_heads": base["num_heads"], "mlp_dim": base["mlp_dim"],
             "cls_token": bool(base.get("cls_token", True)), "in_channels": int(base.get("in_channels", 1)),
+            # A folder keeps the input its weights were trained on; a random init is centred.
+            "input_norm": saved.get("input_norm") if cfg.path is not None else INPUT_NORM,
         }
         encoder = cls(arch)
         return encoder.load_released(Path(cfg.path), prefix="") if cfg.path is not None else encoder
@@ -78,7 +99,7 @@ class Vit3dEncoder(VolumeViTEncoder):
 
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        (folder / "config.json").write_text(json.dumps({k: self.arch[k] for k in ARCH_KEYS}, indent=2) + "\n")
+        (folder / "config.json").write_text(json.dumps({k: self.arch.get(k) for k in ARCH_KEYS}, indent=2) + "\n")
         state = {k: v.detach().contiguous().cpu() for k, v in self.vit.state_dict().items()}
         save_file(state, str(folder / "model.safetensors"))
         return folder
