@@ -122,6 +122,11 @@ def test_vit3d_centres_its_input_and_keeps_what_a_folder_was_trained_on(tmp_path
     assert encoder_from_arch({k: v for k, v in encoder.arch.items() if k != "input_norm"}).input_norm is None
     volume = torch.rand(1, 1, 8, 32, 32)
     assert torch.equal(older.normalize(volume), volume)
+    for damaged in ([0.5, 0], [0.5], "0.5", [0.5, float("nan")], [True, 1]):
+        config["input_norm"] = damaged
+        (tmp_path / "vit" / "config.json").write_text(json.dumps(config))
+        with pytest.raises(ModelError, match="input_norm"):
+            encoder_from_recipe(Vit3dEncoder(type="vit3d", path=str(tmp_path / "vit")), volume=VOLUME)
 
 
 def test_vit3d_first_layernorm_tells_dark_from_bright_tissue():

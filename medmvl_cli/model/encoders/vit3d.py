@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -35,6 +36,20 @@ ARCH_KEYS = ("img_size", "patch_size", "hidden_size", "num_layers", "num_heads",
 INPUT_NORM = [0.5, 0.5]
 
 
+def checked_input_norm(value: Any) -> list[float] | None:
+    """`input_norm` as a config (a saved model's, a folder's) gives it: None or [mean, std > 0]."""
+    if value is None:
+        return None
+    numbers = isinstance(value, (list, tuple)) and len(value) == 2 and all(
+        isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in value)
+    if not numbers or value[1] <= 0:
+        raise ModelError(
+            f"vit3d encoder: input_norm {value!r} in its config is not [mean, std] with a positive std",
+            hint="the folder's config.json is damaged; save the encoder again, or remove the key for raw [0, 1] input",
+        )
+    return [float(value[0]), float(value[1])]
+
+
 class Vit3dEncoder(VolumeViTEncoder):
     type: ClassVar[str] = "vit3d"
 
@@ -46,7 +61,7 @@ class Vit3dEncoder(VolumeViTEncoder):
             in_channels=arch.get("in_channels", 1), cls_token=has_cls,
         )
         super().__init__(arch, vit, has_cls=has_cls)
-        self.input_norm = arch.get("input_norm")
+        self.input_norm = checked_input_norm(arch.get("input_norm"))
 
     def normalize(self, volumes: torch.Tensor) -> torch.Tensor:
         volumes = super().normalize(volumes)
