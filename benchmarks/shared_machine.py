@@ -36,26 +36,30 @@ def spin() -> None:
         pass
 
 
+def chosen_threads(env: dict) -> str | None:
+    """What the thread policy chooses now, as `medmvl env` says it (a wide table: one line)."""
+    out = subprocess.run([sys.executable, "-m", "medmvl_cli", "env"], env={**env, "COLUMNS": "300"},
+                         capture_output=True, text=True).stdout
+    found = re.search(r"cpu threads\W+(\d+ \(.*\))", out)
+    return found.group(1) if found else None
+
+
 def quickstart(workdir: Path, kind: str, policy: str, timeout: float) -> dict:
     env = {k: v for k, v in os.environ.items() if k not in ("MEDMVL_THREADS", "OMP_NUM_THREADS", "OMP_WAIT_POLICY")}
     env.update(POLICIES[policy])
+    # Asked just before the run, at the load the quickstart starts under (it chooses once, at start).
+    row = {"policy": policy, "threads": chosen_threads(env), "load_at_start": round(os.getloadavg()[0], 1)}
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
-    load = os.getloadavg()[0]
     start = time.perf_counter()
     try:
         done = subprocess.run([sys.executable, "-m", "medmvl_cli", "quickstart", "--kind", kind, "--workdir", str(workdir), "-q"],
                               env=env, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
-        return {"policy": policy, "load_at_start": round(load, 1), "wall_s": None, "stopped_after_s": timeout}
+        return {**row, "wall_s": None, "stopped_after_s": timeout}
     wall = time.perf_counter() - start
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     found = re.search(r"held-out accuracy\D*([0-9.]+)", done.stdout)
-    # What the policy chooses at this load, as `medmvl env` says it (a wide table: one line).
-    threads = subprocess.run([sys.executable, "-m", "medmvl_cli", "env"], env={**env, "COLUMNS": "300"},
-                             capture_output=True, text=True).stdout
-    chose = re.search(r"cpu threads\W+(\d+ \(.*\))", threads)
-    return {"policy": policy, "load_at_start": round(load, 1), "threads": chose.group(1) if chose else None,
-            "wall_s": round(wall, 1), "cpu_s": round(after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime, 1),
+    return {**row, "wall_s": round(wall, 1), "cpu_s": round(after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime, 1),
             "accuracy": float(found.group(1)) if found else None, "rc": done.returncode}
 
 
